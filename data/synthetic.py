@@ -1,0 +1,94 @@
+"""Small generated datasets written in the real CIFAR on-disk format.
+
+They let the real reading code run where CIFAR cannot be downloaded (the demo,
+the tests). The files are Python-2-style pickles like the originals: their
+strings are Python 2 ``str`` objects, so they load only with
+``encoding="latin1"`` (or "bytes"), exactly as the downloaded files do.
+"""
+import os
+import pickle
+import struct
+
+import numpy as np
+
+from .cifar import LAYOUTS
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 ``str`` (the BINSTRING opcodes) - the encoding of
+    the keys, names and raw array data in the CIFAR files."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_python2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_str
+
+
+def _dump(path, entry):
+    with open(path, "wb") as f:
+        _Python2Pickler(f, protocol=2).dump(entry)
+
+
+def _batch(images, labels, label_key, description):
+    return {
+        b"batch_label": description.encode(),
+        label_key.encode(): [int(v) for v in labels],
+        b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
+        b"filenames": [f"image_{i:05d}.png".encode() for i in range(len(images))],
+    }
+
+
+def write_cifar(root, name, train_images, train_labels, test_images, test_labels):
+    """Write uint8 images (N, 3, 32, 32) and labels under ``root`` in the layout of
+    ``name`` ("cifar10": 5 training batches + test_batch + batches.meta;
+    "cifar100": train + test + meta). Returns the dataset folder."""
+    folder, train_files, test_file, label_key, num_classes = LAYOUTS[name]
+    directory = os.path.join(root, folder)
+    os.makedirs(directory, exist_ok=True)
+    parts = np.array_split(np.arange(len(train_labels)), len(train_files))
+    for i, (file, part) in enumerate(zip(train_files, parts)):
+        _dump(os.path.join(directory, file),
+              _batch(train_images[part], np.asarray(train_labels)[part], label_key,
+                     f"training batch {i + 1} of {len(train_files)}"))
+    _dump(os.path.join(directory, test_file),
+          _batch(test_images, test_labels, label_key, "testing batch 1 of 1"))
+    names = [f"class_{i}".encode() for i in range(num_classes)]
+    if name == "cifar10":
+        meta_file, meta = "batches.meta", {b"label_names": names, b"num_cases_per_batch": len(parts[0]),
+                                           b"num_vis": 3072}
+    else:
+        meta_file, meta = "meta", {b"fine_label_names": names,
+                                   b"coarse_label_names": [f"superclass_{i}".encode() for i in range(20)]}
+    _dump(os.path.join(directory, meta_file), meta)
+    return directory
+
+
+def structured_images(num_train, num_test, num_classes, seed=0, noise=48.0):
+    """Images with real class structure: every class has a blocky colour template
+    (4x4 blocks of 8x8 pixels); an image is its class's template plus Gaussian
+    pixel noise. Returns (train_images, train_labels, test_images, test_labels)
+    as numpy arrays, images uint8 (N, 3, 32, 32)."""
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, (num_classes, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
+
+    def draw(n):
+        labels = rng.integers(0, num_classes, n)
+        pixels = templates[labels] + rng.normal(0, noise, (n, 3, 32, 32))
+        return np.clip(pixels, 0, 255).astype(np.uint8), labels
+
+    train_images, train_labels = draw(num_train)
+    test_images, test_labels = draw(num_test)
+    return train_images, train_labels, test_images, test_labels
+
+
+def write_structured_cifar(root, name, num_train, num_test, seed=0):
+    """Generate a structured dataset with ``name``'s number of classes and write it
+    under ``root`` in ``name``'s on-disk layout."""
+    arrays = structured_images(num_train, num_test, LAYOUTS[name][4], seed)
+    return write_cifar(root, name, *arrays)

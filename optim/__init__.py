@@ -1,0 +1,2 @@
+from .schedule import learning_rate
+from .vispa import VISPA, project_to_sphere

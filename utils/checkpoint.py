@@ -1,0 +1,150 @@
+"""Checkpoint files: written atomically, read as data only.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk,
+then renamed over the old one: a crash, a kill or a full disk during a save leaves
+the previous checkpoint as it was. Files are read with
+``torch.load(weights_only=True)``: a checkpoint holds tensors, numbers, strings,
+lists and dicts, never code, and a file that holds anything else is refused.
+"""
+import os
+import pickle
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT = "vispa-checkpoint"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written or used; the message says why."""
+
+
+def save_atomic(obj, path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise CheckpointError(f"could not write {path}: {error.strerror or error}; "
+                                  f"the previous file there is unchanged") from None
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint file as data. CheckpointError if it is missing, truncated,
+    not a checkpoint, or holds objects other than plain data."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
+                              f"plain data, which could run code ({first.strip()})") from None
+    except Exception as error:
+        raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def rng_states(device: torch.device) -> dict:
+    """Every random-number state a run on ``device`` draws from, as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device):
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def from_released(state_dict: dict, model_state: dict, z_shapes: dict, path: str):
+    """Map a state_dict in the authors' released layout onto this design.
+
+    The released files keep, per binary layer ``<layer>``, the tensors
+    ``<layer>.Alpha`` (our ``<layer>.alpha``), ``<layer>.M`` and ``<layer>.Z`` (our
+    optimizer's distribution of ``<layer>.weight``); every other key is the same,
+    and all keys may carry the ``module.`` prefix of nn.DataParallel.
+
+    ``model_state`` is the network's own state_dict and ``z_shapes`` maps the name
+    of every binary weight to the shape of its factor Z. Returns the network's new
+    state_dict (binary weights = sign(M)) and ``{weight name: (M, Z)}``. Loading is
+    strict: CheckpointError lists every key that is missing, unexpected or of
+    another shape.
+    """
+    prefix = "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
+    expected = {}  # released key -> (our key, shape)
+    for name, tensor in model_state.items():
+        layer, _, leaf = name.rpartition(".")
+        if name in z_shapes:
+            expected[f"{prefix}{layer}.M"] = (name, tuple(tensor.shape))
+            expected[f"{prefix}{layer}.Z"] = (name, tuple(z_shapes[name]))
+        elif leaf == "alpha":
+            expected[f"{prefix}{layer}.Alpha"] = (name, tuple(tensor.shape))
+        else:
+            expected[prefix + name] = (name, tuple(tensor.shape))
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} in the file, {expected[k][1]} in the network"
+             for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k][1]]
+    if missing or unexpected or wrong:
+        def listing(title, keys):
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            return f"{title}: {shown}" if keys else None
+        parts = filter(None, [listing("missing", missing), listing("unexpected", unexpected),
+                              listing("shape mismatch", wrong)])
+        raise CheckpointError(f"{path} does not match the network (another architecture, K or "
+                              f"number of classes?) - " + "; ".join(parts))
+    new_state, distributions = dict(model_state), {}
+    for key, (name, _) in expected.items():
+        value = state_dict[key]
+        if name in z_shapes:
+            M, Z = distributions.get(name, (None, None))
+            distributions[name] = (value, Z) if key.endswith(".M") else (M, value)
+            if key.endswith(".M"):
+                new_state[name] = torch.sign(value)
+        else:
+            new_state[name] = value
+    return new_state, distributions
