@@ -411,6 +411,10 @@ def train(args, parser, device):
             raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
                                   f"checkpoints can be resumed")
         check_same_run(args, parser, ckpt["config"])
+        if ckpt["epoch"] >= args.epochs:
+            print(f"{path}: the run is finished; "
+                  f"{best_line(ckpt['best_prec1'], ckpt['best_epoch'], args.epochs)}")
+            return 0
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     if args.save is None:
