@@ -128,7 +128,7 @@ def build_parser():
     return p
 
 
-DEMO = dict(model="resnet18", dataset="cifar10", width=16, epochs=4, batch_size=64,
+DEMO = dict(model="resnet18", dataset="cifar10", width=16, epochs=6, batch_size=64,
             eval_batch_size=500, lr=0.05, warmup_epochs=1, K=4, L=4, seed=0, gpus="cpu",
             save="demo", overwrite=True)
 
@@ -173,6 +173,11 @@ def autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+def full_precision(logits):
+    """Losses and averages in at least float32, also when the forward pass ran in bf16."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def train_one_epoch(model, opt, loader, lr_at, first_iteration, device, bf16, stop, progress):
     """One pass over the training set; None if a stop was requested on the way."""
     model.train()
@@ -189,7 +194,7 @@ def train_one_epoch(model, opt, loader, lr_at, first_iteration, device, bf16, st
         with opt.sampled_params(train=True):
             with autocast(device, bf16):
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(full_precision(logits), labels)
             loss.backward()
         opt.step()
         meter.add(loss, logits, labels)
@@ -214,7 +219,7 @@ def evaluate(model, opt, loader, L, device, bf16, stop=None, progress=None):
         logits_sum, loss_sum = 0.0, 0.0
         for _ in range(L):
             with opt.sampled_params(), autocast(device, bf16):
-                logits = model.body(features).float()
+                logits = full_precision(model.body(features))
             logits_sum = logits_sum + logits
             loss_sum = loss_sum + F.cross_entropy(logits, labels)
         meter.add(loss_sum / L, logits_sum / L, labels)
@@ -231,7 +236,7 @@ def evaluate_mean(model, opt, loader, device, bf16):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, bf16):
-                logits = model(images).float()
+                logits = full_precision(model(images))
             meter.add(F.cross_entropy(logits, labels), logits, labels)
     return meter.result()
 

@@ -36,12 +36,15 @@ def _dump(path, entry):
 
 
 def _batch(images, labels, label_key, description):
-    return {
+    entry = {
         b"batch_label": description.encode(),
         label_key.encode(): [int(v) for v in labels],
         b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
         b"filenames": [f"image_{i:05d}.png".encode() for i in range(len(images))],
     }
+    if label_key == "fine_labels":  # CIFAR-100 also has 20 superclasses
+        entry[b"coarse_labels"] = [int(v) // 5 for v in labels]
+    return entry
 
 
 def write_cifar(root, name, train_images, train_labels, test_images, test_labels):
@@ -69,13 +72,15 @@ def write_cifar(root, name, train_images, train_labels, test_images, test_labels
     return directory
 
 
-def structured_images(num_train, num_test, num_classes, seed=0, noise=48.0):
-    """Images with real class structure: every class has a blocky colour template
-    (4x4 blocks of 8x8 pixels); an image is its class's template plus Gaussian
-    pixel noise. Returns (train_images, train_labels, test_images, test_labels)
-    as numpy arrays, images uint8 (N, 3, 32, 32)."""
+def structured_images(num_train, num_test, num_classes, seed=0, contrast=24.0, noise=64.0):
+    """Images with real but not trivial class structure: every class has a blocky
+    template (4x4 blocks of 8x8 pixels, each block grey 128 +- ``contrast`` per
+    channel); an image is its class's template plus Gaussian pixel noise of std
+    ``noise``. Returns (train_images, train_labels, test_images, test_labels) as
+    numpy arrays, images uint8 (N, 3, 32, 32)."""
     rng = np.random.default_rng(seed)
-    templates = rng.uniform(0, 255, (num_classes, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
+    blocks = rng.uniform(-contrast, contrast, (num_classes, 3, 4, 4))
+    templates = 128 + blocks.repeat(8, axis=2).repeat(8, axis=3)
 
     def draw(n):
         labels = rng.integers(0, num_classes, n)
