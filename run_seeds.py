@@ -41,6 +41,7 @@ class Run:
     def __init__(self, seed, name, results_dir):
         self.seed = seed
         self.name = name
+        self.results_dir = results_dir
         self.folder = os.path.join(results_dir, name)
         self.log = self.folder + ".txt"
         self.checkpoint = os.path.join(self.folder, "checkpoint.pth.tar")
@@ -84,7 +85,7 @@ def plan(run):
 
 def launch(run, slot, main_args, env):
     command = [sys.executable, MAIN, *main_args, "--seed", str(run.seed), "--save", run.name,
-               "--results_dir", os.path.dirname(run.folder) or ".", "--gpus", slot]
+               "--results_dir", run.results_dir, "--gpus", slot]
     if run.resume:
         command += ["--resume", run.folder]
     os.makedirs(run.folder, exist_ok=True)

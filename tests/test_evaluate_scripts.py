@@ -287,6 +287,15 @@ def test_a_state_dict_that_is_not_named_tensors_is_refused(tmp_path, state_dict)
                        f"{path}: its 'state_dict' is not a dict of named tensors")
 
 
+def test_a_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "truncated.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {"module.conv1.M": torch.randn(64, 3, 3, 3)}}, path)
+    path.write_bytes(path.read_bytes()[:-200])
+    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    assert_clear_error(evaluate("vgg16", str(path), data_root=data_root),
+                       f"cannot read {path}: truncated, corrupt, or not a checkpoint")
+
+
 @pytest.mark.parametrize("model", ["resnet18", "vgg16"])
 def test_missing_released_checkpoint_says_where_to_get_it(tmp_path, model):
     if os.path.exists(os.path.join(REPO, "pretrained", RELEASED[model])):
