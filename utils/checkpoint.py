@@ -114,6 +114,9 @@ def from_released(state_dict: dict, model_state: dict, z_shapes: dict, path: str
     strict: CheckpointError lists every key that is missing, unexpected or of
     another shape.
     """
+    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state_dict.items())):
+        raise CheckpointError(f"{path}: its 'state_dict' is not a dict of named tensors")
     prefix = "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
     expected = {}  # released key -> (our key, shape)
     for name, tensor in model_state.items():

@@ -1,0 +1,240 @@
+"""Run one training recipe for several seeds on a set of device slots, then report.
+
+The benchmark scripts end with
+
+    python3 run_seeds.py --name '<run name with {seed}>' --seeds '2020 2024 1314' \\
+        --slots '0 1 2' --results_dir results -- <main.py arguments>
+
+A slot is a CUDA device index or ``cpu``. Each slot runs one seed at a time; seeds
+beyond the number of slots wait and start as slots free up. A device named several
+times has several slots (``0 0 0 0 0``: five concurrent runs on GPU 0).
+
+Each run is ``main.py <main.py arguments> --seed <s> --save <name> --gpus <slot>``; its
+console output goes to ``results/<name>/console.log``. A run folder that already holds
+a checkpoint is resumed (``--resume``), or skipped if that checkpoint is at the last
+epoch: after an interruption the same command carries on where it stopped. When all
+runs have ended it prints one row per seed (best top-1, its epoch, the mean network's
+top-1 in that epoch) and the mean ± std over the seeds, and exits non-zero if any run
+failed, naming its log and showing the last lines of its output.
+
+SIGINT / SIGTERM: no further run starts, the running ones are sent SIGTERM (they stop
+cleanly, keeping the checkpoint of their last complete epoch) and the script exits
+non-zero once they have.
+"""
+import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from utils.summarize import paper_format, read_tail, run_status
+
+MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+SHOWN_LINES = 15  # of a failed run's output
+
+
+class Run:
+    """One seed of the recipe: its names on disk and how it went."""
+
+    def __init__(self, seed, name, results_dir):
+        self.seed = seed
+        self.name = name
+        self.results_dir = results_dir
+        self.folder = os.path.join(results_dir, name)
+        self.log = self.folder + ".txt"
+        self.checkpoint = os.path.join(self.folder, "checkpoint.pth.tar")
+        self.console = os.path.join(self.folder, "console.log")
+        self.resume = False
+        self.process = None
+        self.slot = None
+        self.returncode = None  # stays None for a run skipped as finished
+
+
+def say(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def saved_progress(path):
+    """(epoch, epochs) recorded in a checkpoint, read without loading its tensors into
+    memory (mmap); None if the file cannot be read (main.py will say why)."""
+    import torch  # here, not above: the rest of this script starts without it
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["epoch"]), int(ckpt["config"]["epochs"])
+    except Exception:
+        return None
+
+
+def plan(run):
+    """Decide between a new run, resuming, and skipping; say which. True if it must run."""
+    if not os.path.isfile(run.checkpoint):
+        say(f"seed {run.seed}: new run, log {run.log}")
+        return True
+    progress = saved_progress(run.checkpoint)
+    if progress is not None and progress[0] >= progress[1]:
+        say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
+            f"{run.checkpoint}), skipped")
+        return False
+    run.resume = True
+    at = f"epoch {progress[0]}/{progress[1]}" if progress else "a checkpoint that could not be read here"
+    say(f"seed {run.seed}: resuming {run.folder} from its checkpoint ({at})")
+    return True
+
+
+def launch(run, slot, main_args, env):
+    command = [sys.executable, MAIN, *main_args, "--seed", str(run.seed), "--save", run.name,
+               "--results_dir", run.results_dir, "--gpus", slot]
+    if run.resume:
+        command += ["--resume", run.folder]
+    os.makedirs(run.folder, exist_ok=True)
+    with open(run.console, "ab") as console:
+        run.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env)
+    run.slot = slot
+    say(f"seed {run.seed}: started on {'the CPU' if slot == 'cpu' else 'GPU ' + slot}")
+
+
+def slot_environment(slot, slots):
+    """Runs sharing the CPU split its cores between them unless OMP_NUM_THREADS is set:
+    several runs each using every core slow each other down badly."""
+    env = dict(os.environ)
+    if slot == "cpu" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots.count("cpu")))
+    return env
+
+
+def run_all(runs, slots, main_args):
+    """Start the runs as slots free up and wait for all; the signal that stopped them, if any."""
+    queue, free, running = list(runs), list(slots), []
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = False
+    try:
+        while running or (queue and not stop):
+            while queue and free and not stop:
+                run, slot = queue.pop(0), free.pop(0)
+                launch(run, slot, main_args, slot_environment(slot, slots))
+                running.append(run)
+            if stop and not forwarded:
+                say(f"{signal.Signals(stop[0]).name}: stopping the running runs (each keeps the "
+                    f"checkpoint of its last complete epoch); the same command resumes them")
+                for run in running:
+                    run.process.send_signal(signal.SIGTERM)
+                forwarded = True
+            time.sleep(0.2)
+            for run in [r for r in running if r.process.poll() is not None]:
+                running.remove(run)
+                free.append(run.slot)
+                run.returncode = run.process.returncode
+                if run.returncode == 0:
+                    say(f"seed {run.seed}: finished")
+                else:
+                    say(f"seed {run.seed}: exited with status {run.returncode}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return stop[0] if stop else None
+
+
+def mean_network_prec1(run, epoch):
+    """The mean network's top-1 in ``epoch``, from the run's metrics.csv (None if absent)."""
+    try:
+        with open(os.path.join(run.folder, "metrics.csv"), newline="") as f:
+            for row in csv.DictReader(f):
+                if int(row["epoch"]) == epoch:
+                    return float(row["mean_prec1"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # main.py's status after a clean stop
+
+
+def table(runs, template):
+    """One row per seed and the mean ± std over the seeds that finished."""
+    lines = ["", "  seed   best top-1   epoch of best   mean-network top-1 (that epoch)"]
+    best, mean_net = [], []
+    for run in runs:
+        status = run_status(run.log) if os.path.isfile(run.log) else None
+        if run.returncode in STOPPED:
+            at = f" after epoch {status.epoch}/{status.epochs}" if status else ""
+            lines.append(f"  {run.seed:<6} stopped{at}, resumes when the command is run again")
+            continue
+        if run.returncode not in (None, 0) or status is None:
+            why = f"exit status {run.returncode}" if run.returncode else f"no log {run.log}"
+            lines.append(f"  {run.seed:<6} FAILED ({why})")
+            continue
+        net = mean_network_prec1(run, status.best_epoch)
+        best.append(status.best_prec1)
+        if net is not None:
+            mean_net.append(net)
+        lines.append(f"  {run.seed:<6} {status.best_prec1:>10.2f}   "
+                     f"{f'{status.best_epoch}/{status.epochs}':>13}   "
+                     f"{'-' if net is None else f'{net:.2f}':>14}")
+    if best:
+        lines += ["", template.replace("{seed}", "*"),
+                  f"  best top-1 {paper_format(best)}   mean network "
+                  f"{paper_format(mean_net) if mean_net else '-'}   "
+                  f"(mean ± sample std, ddof=1, over {len(best)} of {len(runs)} seeds)"]
+    return "\n".join(lines)
+
+
+def failure_report(run):
+    lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), log {run.log}; "
+             f"the last lines of its output ({run.console}):"]
+    try:
+        lines += ["    " + line for line in read_tail(run.console)[-SHOWN_LINES:]]
+    except OSError as error:
+        lines.append(f"    (cannot read it: {error.strerror})")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="run name, with {seed} where the seed goes")
+    parser.add_argument("--seeds", required=True, help="space-separated integers")
+    parser.add_argument("--slots", required=True, help="space-separated CUDA device indices or 'cpu'")
+    parser.add_argument("--results_dir", default="./results")
+    parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the arguments for main.py")
+    args = parser.parse_args(argv)
+    if "{seed}" not in args.name:
+        parser.error(f"--name must contain {{seed}}: {args.name}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split()]
+    except ValueError:
+        parser.error(f"seeds must be integers, got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"give one or more different seeds, got {args.seeds}")
+    args.slots = args.slots.split()
+    bad = [s for s in args.slots if s != "cpu" and not s.isdigit()]
+    if not args.slots or bad:
+        parser.error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(args.slots) or 'none'}")
+    args.main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = [Run(seed, args.name.replace("{seed}", str(seed)), args.results_dir) for seed in args.seeds]
+    say(f"{len(runs)} seeds on the slots {' '.join(args.slots)}; logs in {args.results_dir}/")
+    to_run = [run for run in runs if plan(run)]
+    signum = run_all(to_run, args.slots, args.main_args)
+    print(table(runs, args.name))
+    for run in runs:  # runs stopped by our own signal are not failures
+        if run.returncode not in (None, 0) and not (signum and run.returncode in STOPPED):
+            print(failure_report(run))
+    if signum is not None:
+        print(f"Stopped by {signal.Signals(signum).name}: run the same command again to resume.")
+        return 128 + signum
+    return 1 if any(run.returncode not in (None, 0) for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

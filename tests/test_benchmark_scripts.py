@@ -1,0 +1,159 @@
+"""The benchmark scripts, run as a user runs them, on the CPU with tiny settings: log
+names, the summary table against the logs, queueing on slots, a failed run, and
+resuming or skipping existing runs."""
+import hashlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+
+import pytest
+
+from tests.scripts_support import REPO, read_log, run_script, script_env, wait_for, write_tiny_cifar100
+
+SCRIPTS = {"resnet18": "benchmark_cifar100_resnet18_1W32A.sh", "vgg16": "benchmark_cifar100_vgg16_1W32A.sh"}
+TINY = dict(EPOCHS=2, WIDTH=4, L=2, K=2, BATCH=64, WARMUP_EPOCHS=1)
+TABLE_ROW = re.compile(r"^  (\d+) +(\d+\.\d\d) +(\d+)/(\d+) +(\d+\.\d\d)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_tiny_cifar100(str(tmp_path_factory.mktemp("data")))
+
+
+def tiny_name(model, seed, epochs=2):
+    """The run name the scripts give the TINY settings."""
+    return (f"{model}_1w32a_cifar100_seed={seed}_benchmark_K=2_S=100_L=2_wd=5e-4_lr=0.1_cos_"
+            f"epochs={epochs}_width=4_batch=64_warmup=1")
+
+
+def benchmark(model, results, data_root, *args, **settings):
+    env = dict(TINY, DATA_ROOT=data_root, RESULTS_DIR=results)
+    env.update(settings)
+    return run_script(SCRIPTS[model], *args, **env)
+
+
+def files_digest(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    digest = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
+def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root, model):
+    results = tmp_path / "results"
+    result = benchmark(model, results, data_root, GPUS="cpu cpu", SEEDS="11 12")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    names = [tiny_name(model, seed) for seed in (11, 12)]
+    assert sorted(os.listdir(results)) == sorted(names + [n + ".txt" for n in names])
+    rows = {int(r[0]): r[1:] for r in TABLE_ROW.findall(result.stdout)}
+    assert sorted(rows) == [11, 12], result.stdout
+    bests = []
+    for seed, name in zip((11, 12), names):
+        epochs, best = read_log(results / f"{name}.txt")
+        assert best is not None and best[2] == 2 and sorted(epochs) == [1, 2]
+        best_prec1, best_epoch, _ = best
+        # the best line is the best val top-1 of the epoch lines, first epoch on ties
+        assert best_prec1 == max(v for v, _ in epochs.values())
+        assert best_epoch == min(e for e, (v, _) in epochs.items() if v == best_prec1)
+        prec1, epoch, total, mean_net = rows[seed]
+        assert (float(prec1), int(epoch), int(total)) == (best_prec1, best_epoch, 2)
+        assert float(mean_net) == epochs[best_epoch][1]
+        bests.append(best_prec1)
+    mean, std = statistics.mean(bests), statistics.stdev(bests)
+    assert f"best top-1 {mean:.2f} ± {std:.2f}" in result.stdout
+    assert "sample std, ddof=1, over 2 of 2 seeds" in result.stdout
+
+    # run again: both runs are finished, nothing is run or written, the table is the same
+    before = files_digest(results)
+    again = benchmark(model, results, data_root, GPUS="cpu cpu", SEEDS="11 12")
+    assert again.returncode == 0, again.stdout + again.stderr
+    for seed in (11, 12):
+        assert re.search(rf"seed {seed}: finished already \(epoch 2/2 in .*\), skipped", again.stdout)
+    assert "started" not in again.stdout
+    assert files_digest(results) == before
+    assert TABLE_ROW.findall(again.stdout) == TABLE_ROW.findall(result.stdout)
+
+
+def test_paper_recipe_names_and_failed_runs(tmp_path):
+    """The default settings (the paper's recipe on GPUs 0-4): every run fails at once here
+    (no GPU, or no dataset in an empty data root); the script names each run's log, shows
+    why, and exits non-zero."""
+    results, empty = tmp_path / "results", tmp_path / "no-data"
+    empty.mkdir()
+    result = run_script(SCRIPTS["resnet18"], DATA_ROOT=empty, RESULTS_DIR=results)
+    assert result.returncode == 1
+    for seed in (2020, 2024, 1314, 512, 2333):
+        log = (f"{results}/resnet18_1w32a_cifar100_seed={seed}_benchmark_K=8_S=100_L=40_wd=5e-4_"
+               f"lr=0.1_cos_epochs=500.txt")
+        assert f"FAILED: seed {seed} (exit status 1), log {log};" in result.stdout
+    assert result.stdout.count("error: ") == 5  # main.py's message, shown for each run
+    assert re.search(r"no such CUDA device|cifar100 not found", result.stdout)
+
+
+def test_seeds_queue_on_one_slot(tmp_path, data_root):
+    """Three seeds, one CPU slot given as the argument: they run one after another."""
+    results = tmp_path / "results"
+    result = benchmark("vgg16", results, data_root, "cpu", GPUS="0 1 2", SEEDS="5 6 7", EPOCHS=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = re.findall(r"seed (\d+): (started|finished)\b", result.stdout)
+    assert events == [("5", "started"), ("5", "finished"), ("6", "started"), ("6", "finished"),
+                      ("7", "started"), ("7", "finished")]
+    for seed in (5, 6, 7):
+        assert read_log(results / f"{tiny_name('vgg16', seed, epochs=1)}.txt")[1][2] == 1
+
+
+def test_one_failed_run_is_named(tmp_path, data_root):
+    """Seed 9 gets a GPU slot that no machine has: it fails, seed 8 finishes."""
+    results = tmp_path / "results"
+    result = benchmark("resnet18", results, data_root, GPUS="cpu 99", SEEDS="8 9", EPOCHS=1)
+    assert result.returncode == 1
+    failed = tiny_name("resnet18", 9, epochs=1)
+    assert f"FAILED: seed 9 (exit status 1), log {results}/{failed}.txt;" in result.stdout
+    assert "--gpus 99: no such CUDA device" in result.stdout
+    assert "FAILED: seed 8" not in result.stdout
+    assert read_log(results / f"{tiny_name('resnet18', 8, epochs=1)}.txt")[1] is not None
+    assert "over 1 of 2 seeds" in result.stdout
+
+
+def test_stopped_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, data_root):
+    """SIGTERM to the script: the run writes its checkpoint and stops; the same command
+    resumes it, says so, and the run ends with the numbers of a run never stopped."""
+    settings = dict(TINY, EPOCHS=3, GPUS="cpu", SEEDS="4", DATA_ROOT=data_root)
+    name = tiny_name("resnet18", 4, epochs=3)
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(["bash", os.path.join(REPO, SCRIPTS["resnet18"])],
+                               env=script_env(RESULTS_DIR=stopped, **settings),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = stopped / f"{name}.txt"
+    wait_for(lambda: log.exists() and "Epoch 1/3" in log.read_text())
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "run the same command again to resume" in output
+    stopped_at = max(read_log(log)[0])
+    assert stopped_at < 3 and "Stopped by SIGTERM" in log.read_text()
+
+    resumed = run_script(SCRIPTS["resnet18"], RESULTS_DIR=stopped, **settings)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"seed 4: resuming {stopped}/{name} from its checkpoint (epoch {stopped_at}/3)" in resumed.stdout
+    assert log.read_text().count("Resumed from") == 1
+
+    straight = run_script(SCRIPTS["resnet18"], RESULTS_DIR=tmp_path / "straight", **settings)
+    assert straight.returncode == 0
+    assert read_log(log) == read_log(tmp_path / "straight" / f"{name}.txt")
+    assert TABLE_ROW.findall(resumed.stdout) == TABLE_ROW.findall(straight.stdout)
+
+
+def test_bad_slot_is_refused(tmp_path, data_root):
+    result = benchmark("resnet18", tmp_path, data_root, GPUS="cuda:0")
+    assert result.returncode == 2
+    assert "GPU slots are CUDA device indices or 'cpu', got cuda:0" in result.stderr
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,330 @@
+"""The evaluate scripts on checkpoints in the authors' released layout and in this
+project's own format.
+
+A released-layout file is built from the key lists in ``tests/reference/`` (every key,
+shape and dtype of the authors' released files): random tensors of those shapes, the
+``module.`` prefix of nn.DataParallel and the outer keys. It is evaluated on a
+tiny test set, and the network it loads into is checked against a forward pass written
+here from the file's tensors alone (float64, F.conv2d, BatchNorm with running
+statistics): the mean network ``sign(M) * Alpha``.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.synthetic import write_cifar
+from tests.scripts_support import REPO, read_log, run_script, script_env, write_tiny_cifar100
+
+REFERENCE = os.path.join(REPO, "tests", "reference")
+SCRIPTS = {"resnet18": "evaluate_cifar100_resnet18_1W32A.sh", "vgg16": "evaluate_cifar100_vgg16_1W32A.sh"}
+RELEASED = {"resnet18": "resnet18_1w32A_model_best.pth.tar", "vgg16": "vgg16_1w32A_model_best.pth.tar"}
+MEAN, STD, EPS = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1e-5  # from the specification
+NUM_TEST, NUM_RIGHT = 20, 13  # test images; how many of them get the mean network's class as label
+
+
+def key_list(model):
+    """[(key, shape, dtype)] of the released checkpoint of ``model``."""
+    keys = []
+    with open(os.path.join(REFERENCE, f"{model}_1w32a_cifar100_state_dict_keys.txt")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                key, shape, dtype = line.split()
+                keys.append((key, () if shape == "-" else tuple(int(s) for s in shape.split("x")),
+                             getattr(torch, dtype)))
+    return keys
+
+
+def random_tensor(key, shape, dtype, generator):
+    """A random value of the right kind for each key (BatchNorm variances positive,
+    scales near one, counters integers)."""
+    leaf = key.rsplit(".", 1)[1]
+    if dtype == torch.int64:
+        return torch.randint(1, 1000, shape, generator=generator)
+    uniform = lambda low, high: low + (high - low) * torch.rand(shape, generator=generator)
+    if leaf == "Alpha":  # per output channel; released_checkpoint divides by the fan-in
+        return uniform(0.5, 1.5)
+    if leaf == "running_var":
+        return uniform(0.5, 2.0)
+    if leaf in ("running_mean", "bias"):
+        return 0.1 * torch.randn(shape, generator=generator)
+    if leaf == "weight" and len(shape) == 1:  # BatchNorm scale
+        return uniform(0.5, 1.5)
+    if leaf == "weight":  # full-precision conv / linear
+        return torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
+    return torch.randn(shape, generator=generator)  # M, Z
+
+
+def released_checkpoint(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {key: random_tensor(key, shape, dtype, generator) for key, shape, dtype in key_list(model)}
+    # Alpha ~ sqrt(2 / fan_in): the activations stay of order one through the network,
+    # where float32 and float64 agree closely
+    for key in state_dict:
+        if key.endswith(".Alpha"):
+            fan_in = math.prod(state_dict[key[:-len("Alpha")] + "M"].shape[1:])
+            state_dict[key] *= math.sqrt(2 / fan_in)
+    return {"epoch": 500, "model": f"{model}_1w32a", "config": {"num_classes": 100},
+            "state_dict": state_dict, "best_prec1": 77.0,
+            "fp_regime": {"0": {"optimizer": "SGD", "lr": 0.1, "momentum": 0.9}}}
+
+
+# ---- the forward pass of the mean network, from the file's tensors alone -----------------
+
+def batch_norm(x, t, name, affine=True):
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - t[f"{name}.running_mean"].view(shape)) / torch.sqrt(t[f"{name}.running_var"].view(shape) + EPS)
+    return y * t[f"{name}.weight"].view(shape) + t[f"{name}.bias"].view(shape) if affine else y
+
+
+def binary_conv(x, t, name, stride=1, padding=1):
+    weight = torch.sign(t[f"{name}.M"]) * t[f"{name}.Alpha"].reshape(-1, 1, 1, 1)
+    return F.conv2d(x, weight, stride=stride, padding=padding)
+
+
+def resnet18_reference(x, t):
+    out = F.relu(batch_norm(F.conv2d(x, t["conv1.weight"], padding=1), t, "bn1"))
+    for stage in range(1, 5):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            h = F.relu(batch_norm(binary_conv(out, t, f"{p}.conv1", stride), t, f"{p}.bn1"))
+            h = batch_norm(binary_conv(h, t, f"{p}.conv2"), t, f"{p}.bn2")
+            if f"{p}.shortcut.0.weight" in t:
+                shortcut = batch_norm(F.conv2d(out, t[f"{p}.shortcut.0.weight"], stride=stride),
+                                      t, f"{p}.shortcut.1", affine=False)
+            else:
+                shortcut = out
+            out = F.relu(h + shortcut)
+    out = batch_norm(F.avg_pool2d(out, 4).flatten(1), t, "bn2")
+    return out @ t["linear.weight"].T + t["linear.bias"]
+
+
+def vgg16_reference(x, t):
+    for i in range(1, 14):
+        x = binary_conv(x, t, f"conv{i}")
+        if i in (2, 4, 7, 10, 13):
+            x = F.max_pool2d(x, 2)
+        x = F.relu(batch_norm(x, t, f"bn{i}", affine=False))
+    x = x.flatten(1)
+    for i in (14, 15, 16):
+        weight = torch.sign(t[f"fc{i}.M"]).flatten(1) * t[f"fc{i}.Alpha"].reshape(-1, 1)
+        x = batch_norm(x @ weight.T, t, f"bn{i}", affine=False)
+        x = F.relu(x) if i < 16 else x
+    return x
+
+
+def reference_logits(model, state_dict, images):
+    """float64 logits of the mean network for uint8 images (N, 3, 32, 32)."""
+    t = {k[len("module."):]: v.double() for k, v in state_dict.items() if not k.endswith(".Z")}
+    mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (torch.from_numpy(images).double() / 255 - mean) / std
+    with torch.no_grad():
+        return (resnet18_reference if model == "resnet18" else vgg16_reference)(x, t)
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["resnet18", "vgg16"])
+def released(request, tmp_path_factory):
+    """A released-layout file at full size (one per architecture, removed afterwards), the
+    float64 reference logits of its mean network on NUM_TEST images, and a data root whose
+    test labels are the reference's class for the NUM_RIGHT images with the clearest
+    margin and its least likely class for the others."""
+    model = request.param
+    folder = tmp_path_factory.mktemp(f"released-{model}")
+    ckpt = released_checkpoint(model)
+    path = folder / RELEASED[model]
+    torch.save(ckpt, path)
+    images = np.random.default_rng(1).integers(0, 256, (NUM_TEST, 3, 32, 32), dtype=np.uint8)
+    logits = reference_logits(model, ckpt["state_dict"], images)
+    top2 = logits.topk(2, dim=1).values
+    clearest = (top2[:, 0] - top2[:, 1]).argsort(descending=True)[:NUM_RIGHT]
+    labels = logits.argmin(1)
+    labels[clearest] = logits.argmax(1)[clearest]
+    data_root = folder / "data"
+    write_cifar(str(data_root), "cifar100", images[:2], labels[:2].numpy(), images, labels.numpy())
+    small = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(".Z")}
+    del ckpt
+    yield dict(model=model, path=path, folder=folder, images=images, logits=logits,
+               data_root=str(data_root), state_dict=small)
+    path.unlink()
+
+
+def evaluate(model, *args, data_root, L=2):
+    return run_script(SCRIPTS[model], *args, DATA_ROOT=data_root, L=L, GPU="cpu", timeout=600)
+
+
+def results_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("Test: ")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+# ---- the released layout -----------------------------------------------------------------
+
+def test_released_layout_evaluates_and_mean_network_matches_the_file(released):
+    model = released["model"]
+    result = evaluate(model, str(released["path"]), data_root=released["data_root"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = results_line(result.stdout)
+    assert "(L=2)" in line and "loss" in line and "Prec@5" in line
+    assert line.endswith(f"mean network Prec@1 {100 * NUM_RIGHT / NUM_TEST:.2f}")
+    assert "released checkpoint, epoch 500" in result.stdout
+
+
+def test_released_layout_logits_equal_the_direct_computation(released):
+    """The network main.py builds from the file computes, in mean mode, the reference
+    forward pass of the file's tensors."""
+    import main
+    from utils import checkpoint
+    from data.cifar import normalize
+
+    device = torch.device("cpu")
+    args = main.build_parser().parse_args(["--model", released["model"], "-K", "8"])
+    net, opt = main.build(vars(args), device)
+    ckpt = checkpoint.load(str(released["path"]))
+    main.load_released(net, opt, ckpt["state_dict"], str(released["path"]))
+    for key, value in ckpt["state_dict"].items():  # every tensor of the file is in use
+        name = key[len("module."):]
+        if name.endswith((".M", ".Z")):
+            layer_weight = dict(net.named_parameters())[name.rsplit(".", 1)[0] + ".weight"]
+            assert torch.equal(opt.state[layer_weight][name[-1]], value), key
+    del ckpt
+    net.eval()
+    with torch.no_grad(), opt.mean_params():
+        logits = net(normalize(torch.from_numpy(released["images"]))).double()
+    expected = released["logits"]
+    assert logits.shape == expected.shape == (NUM_TEST, 100)
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def edited_file(released, name, edit):
+    """A copy of the released file with ``edit`` applied to its state_dict. Its factors Z
+    are zero views with stride 0: a few bytes on disk instead of hundreds of megabytes,
+    and the same keys and shapes for the loader, which is what these files are about."""
+    sd = {k: v for k, v in released["state_dict"].items()}
+    for key, _, _ in key_list(released["model"]):
+        if key.endswith(".Z"):
+            sd[key] = torch.zeros(1).expand(*(8,) + sd[key[:-1] + "M"].shape)
+    edit(sd)
+    path = released["folder"] / name
+    torch.save({"epoch": 500, "model": released["model"], "config": {}, "state_dict": sd,
+                "best_prec1": 77.0, "fp_regime": {}}, path)
+    return str(path)
+
+
+def assert_clear_error(result, *fragments):
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Test: " not in result.stdout
+
+
+def test_released_layout_with_a_renamed_key_is_refused(released):
+    first_m = next(k for k in released["state_dict"] if k.endswith(".M"))
+    renamed = first_m[:-1] + "mean"
+    path = edited_file(released, "renamed.pth.tar", lambda sd: sd.update({renamed: sd.pop(first_m)}))
+    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
+                       f"missing: {first_m}", f"unexpected: {renamed}")
+
+
+def test_released_layout_with_another_k_is_refused(released):
+    def rank_4(sd):
+        for key in [k for k in sd if k.endswith(".Z")]:
+            sd[key] = torch.zeros(1).expand(4, *sd[key].shape[1:])
+    path = edited_file(released, "k4.pth.tar", rank_4)
+    first_z = next(key for key, _, _ in key_list(released["model"]) if key.endswith(".Z"))
+    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
+                       "shape mismatch", f"{first_z} (4,", "another architecture, K or number of classes")
+
+
+def test_released_layout_with_another_number_of_classes_is_refused(released):
+    """The classifier's weight with 10 rows (the rest of the file unchanged)."""
+    classifier = "module.linear.weight" if released["model"] == "resnet18" else "module.fc16.M"
+    path = edited_file(released, "c10.pth.tar", lambda sd: sd.update({classifier: sd[classifier][:10]}))
+    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
+                       "shape mismatch", f"{classifier} (10, 512")
+
+
+# ---- files that are not plain data, missing files ----------------------------------------
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): code a checkpoint must never run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
+def test_a_pickled_object_is_refused_and_never_run(tmp_path, model):
+    marker = tmp_path / "this-file-must-not-appear"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {}, "fp_regime": RunsCode(str(marker))}, path)
+    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    assert_clear_error(evaluate(model, str(path), data_root=data_root),
+                       f"refusing to load {path}", "objects other than tensors and plain data")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("state_dict", [{"module.conv1.weight": "not a tensor"}, [1, 2, 3]])
+def test_a_state_dict_that_is_not_named_tensors_is_refused(tmp_path, state_dict):
+    path = tmp_path / "odd.pth.tar"
+    torch.save({"epoch": 1, "state_dict": state_dict}, path)
+    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    assert_clear_error(evaluate("resnet18", str(path), data_root=data_root),
+                       f"{path}: its 'state_dict' is not a dict of named tensors")
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "truncated.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {"module.conv1.M": torch.randn(64, 3, 3, 3)}}, path)
+    path.write_bytes(path.read_bytes()[:-200])
+    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    assert_clear_error(evaluate("vgg16", str(path), data_root=data_root),
+                       f"cannot read {path}: truncated, corrupt, or not a checkpoint")
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
+def test_missing_released_checkpoint_says_where_to_get_it(tmp_path, model):
+    if os.path.exists(os.path.join(REPO, "pretrained", RELEASED[model])):
+        pytest.skip("the released checkpoint is present in pretrained/")
+    result = evaluate(model, data_root=tmp_path)  # the default path
+    assert_clear_error(result, f"{REPO}/pretrained/{RELEASED[model]} not found",
+                       "the authors' release of the paper's code",
+                       "resnet18_1w32A_model_best.pth.tar and vgg16_1w32A_model_best.pth.tar",
+                       f"in {REPO}/pretrained/")
+    other = evaluate(model, str(tmp_path / "nowhere.pth.tar"), data_root=tmp_path)
+    assert_clear_error(other, f"{tmp_path}/nowhere.pth.tar not found")
+
+
+# ---- this project's checkpoints ----------------------------------------------------------
+
+def test_own_checkpoint_evaluates_to_its_logged_mean_network(tmp_path):
+    """A checkpoint written by main.py: the script reports its mean network's accuracy as
+    the run's log does for the best epoch (the mean network has no random draws)."""
+    data_root = write_tiny_cifar100(str(tmp_path / "data"))
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), "--gpus", "cpu", "--model", "vgg16",
+         "--width", "8", "--epochs", "2", "-b", "64", "-L", "2", "-K", "2", "--warmup_epochs", "1",
+         "--seed", "3", "--data_root", data_root, "--results_dir", str(tmp_path), "--save", "run"],
+        env=script_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    epochs, (best, best_epoch, _) = read_log(tmp_path / "run.txt")
+    result = evaluate("resnet18", str(tmp_path / "run" / "model_best.pth.tar"), data_root=data_root, L=3)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(vgg16, cifar100, K=2; epoch" in result.stdout  # the file's network, not the script's
+    line = results_line(result.stdout)
+    assert "(L=3)" in line
+    assert line.endswith(f"mean network Prec@1 {epochs[best_epoch][1]:.2f}")
