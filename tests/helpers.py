@@ -27,9 +27,10 @@ TINY = ["--gpus", "cpu", "--model", "resnet18", "--width", "4", "-b", "64", "-L"
         "--warmup_epochs", "1", "--seed", "1", "--dataset", "cifar10"]
 
 
-def make_dataset(root, name="cifar10", num_train=300, num_test=100):
-    """A small structured dataset in the real CIFAR on-disk format; returns ``root``."""
-    write_structured_cifar(str(root), name, num_train=num_train, num_test=num_test, seed=0)
+def make_dataset(root):
+    """A small structured CIFAR-10 (300 + 100 images) in the real on-disk format;
+    returns ``root``."""
+    write_structured_cifar(str(root), "cifar10", num_train=300, num_test=100, seed=0)
     return str(root)
 
 
@@ -49,16 +50,11 @@ def run_main(*args, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
-def start_main(*args, output=None, **kwargs):
-    """Start main.py; stdout and stderr go to the file ``output`` (or are discarded)."""
-    kwargs.setdefault("env", ENV)
-    sink = open(output, "w") if output else subprocess.DEVNULL
-    try:
+def start_main(*args, output):
+    """Start main.py; its stdout and stderr go to the file ``output``."""
+    with open(output, "w") as sink:
         return subprocess.Popen(main_command(*args), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
-                                **kwargs)
-    finally:
-        if output:
-            sink.close()
+                                env=ENV)
 
 
 def read_text(path):
@@ -72,7 +68,7 @@ def read_text(path):
 class CheckpointWatcher:
     """Loads every version of the run folder's checkpoint files it sees, as soon as it
     sees it: opened first, then read, so a rename in between cannot mix two files.
-    Fails the test at once if one does not load (a torn or truncated checkpoint)."""
+    ``failures`` lists the versions that did not load (torn or truncated files)."""
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -168,8 +164,19 @@ def tensors_of(obj, prefix=""):
     return found
 
 
+def without_tensors(obj):
+    """A nested structure with its tensors left out: the plain data next to them."""
+    if isinstance(obj, dict):
+        return {k: without_tensors(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(obj, (list, tuple)):
+        return [without_tensors(v) for v in obj if not isinstance(v, torch.Tensor)]
+    return obj
+
+
 def assert_bit_identical(a, b, what):
-    """Same keys, dtypes, shapes and bytes (NaN-safe, and +0.0 differs from -0.0)."""
+    """Same plain data, and tensors with the same keys, dtypes, shapes and bytes
+    (NaN-safe, and +0.0 differs from -0.0)."""
+    assert without_tensors(a) == without_tensors(b), f"{what}: different data next to the tensors"
     ta, tb = tensors_of(a), tensors_of(b)
     assert sorted(ta) == sorted(tb), f"{what}: different tensors"
     assert ta, f"{what}: no tensors to compare"

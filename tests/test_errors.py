@@ -208,7 +208,8 @@ def test_evaluate_our_checkpoint_as_another_network(world, other):
 
 def test_resume_checkpoint_whose_tensors_do_not_fit_its_settings(world):
     fails_cleanly(world, "--resume", os.path.join(world.files, "other-K-inside.pth"), "--data_root",
-                  world.data, "--gpus", "cpu", message=r"other-K-inside\.pth does not fit this network: .*shape")
+                  world.data, "--gpus", "cpu",
+                  message=r"other-K-inside\.pth does not fit this network: .*Z has shape \(2, .*\(4, ")
 
 
 RELEASED = ["--evaluate", None, "--model", "resnet18", "--width", "4", "-K", "2", "--dataset", "cifar10",

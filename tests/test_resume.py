@@ -31,7 +31,7 @@ def run_once(data, results, *extra, epochs=EPOCHS):
 def finished_run(results):
     run_dir = os.path.join(results, "run")
     log = read_text(os.path.join(results, "run.txt"))
-    return {"log": log, "epoch_lines": epoch_lines(log), "best_line": log.splitlines()[-1],
+    return {"epoch_lines": epoch_lines(log), "best_line": log.splitlines()[-1],
             "metrics": metrics_without_seconds(os.path.join(run_dir, "metrics.csv")),
             "checkpoint": load_checkpoint(os.path.join(run_dir, CHECKPOINT)),
             "best": load_checkpoint(os.path.join(run_dir, BEST))}
@@ -52,7 +52,6 @@ def assert_same_run(run, reference):
     assert_bit_identical(ours["model"], theirs["model"], "network")
     assert_bit_identical(ours["optimizer"], theirs["optimizer"], "VISPA state (M, Z, r, momenta)")
     assert_bit_identical(ours["rng"], theirs["rng"], "random-number states")
-    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
     assert run["best"]["epoch"] == reference["best"]["epoch"]
     assert_bit_identical(run["best"]["model"], reference["best"]["model"], "model_best network")
     assert_bit_identical(run["best"]["optimizer"], reference["best"]["optimizer"], "model_best M, Z")
