@@ -11,13 +11,20 @@ the forward pass on one sign sample of the binary weights, the loss, backward ->
 the L-sample evaluation, the mean-network evaluation, one log line, one
 checkpoint. The log is ``results/<save>.txt`` and ends with the best accuracy;
 checkpoints and ``metrics.csv`` are in ``results/<save>/``.
+
+A kill at any moment loses at most the current epoch: checkpoints are replaced
+atomically, and ``--resume`` continues from the last one exactly as if the run
+had not stopped. Exit status: 0 done; 1 an error (one line on stderr, nothing
+overwritten); 2 bad command line; 3 the training diverged (the checkpoint of the
+last good epoch stays); 128 + signal number after SIGINT / SIGTERM (the log says
+how to resume).
 """
 import argparse
 import csv
 import math
 import os
 import random
-import shutil
+import shlex
 import signal
 import sys
 import time
@@ -36,10 +43,12 @@ from utils.checkpoint import CheckpointError
 from utils.meters import Accumulator
 from utils.runlog import RunLog, best_line
 
-# The settings that determine a run: a resumed run must have the same ones.
+# The settings that determine a run: a resumed run must have the same ones. (workers
+# too: with --loader torchvision each worker process draws its own augmentations.)
 RUN_SETTINGS = ("model", "dataset", "width", "epochs", "batch_size", "eval_batch_size", "lr",
                 "momentum", "wd", "lr_decay", "warmup_epochs", "K", "L", "scale", "projection",
-                "seed", "bf16", "loader")
+                "seed", "bf16", "loader", "workers")
+CHECKPOINT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"  # in results/<save>/
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_prec1", "train_prec5", "val_loss", "val_prec1",
               "val_prec5", "mean_prec1", "best_prec1", "best_epoch", "seconds")
 
@@ -314,6 +323,10 @@ def evaluate_file(args, device):
     ckpt = checkpoint.load(args.evaluate)
     if ckpt.get("format") == checkpoint.FORMAT:
         settings = dict(ckpt["config"])
+        different = conflicts(args, settings, ("model", "dataset", "width", "K"))
+        if different:
+            raise CheckpointError(f"{args.evaluate} holds another network than the one asked "
+                                  f"for: " + ", ".join(different))
         model, opt = build(settings, device)
         load_into(model, opt, ckpt, args.evaluate)
         source = f"epoch {ckpt['epoch']} of run {settings.get('save')}"
@@ -351,27 +364,50 @@ def resolve_resume(args):
     return path, os.path.basename(folder), os.path.dirname(folder)
 
 
-def check_same_run(args, parser, saved):
+def given_settings(argv):
+    """The run settings typed on the command line, whatever their value: a default
+    typed out counts too (``--resume run -K 8`` must not quietly resume a K=2 run)."""
+    probe = build_parser()
+    probe.set_defaults(**{key: None for key in RUN_SETTINGS})
+    typed = vars(probe.parse_known_args(argv)[0])
+    return {key for key in RUN_SETTINGS if typed[key] is not None}
+
+
+def conflicts(args, saved, keys):
+    """The settings among ``keys`` given on the command line with another value than
+    the checkpoint's ``saved`` ones."""
+    return [f"{key}={getattr(args, key)} (checkpoint: {saved[key]})" for key in keys
+            if key in args.given and getattr(args, key) != saved[key]]
+
+
+def check_same_run(args, saved):
     """A resumed run takes its settings from the checkpoint; a setting given on the
     command line with another value is an error, not a silent change of the run."""
-    conflicts = []
+    different = conflicts(args, saved, RUN_SETTINGS)
+    if different:
+        raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(different) +
+                              "; a resumed run keeps its settings (leave these options out)")
     for key in RUN_SETTINGS:
-        given, default = getattr(args, key), parser.get_default(key)
-        if key == "model":
-            given, default = canonical_name(given), canonical_name(default)
-        if given != saved[key] and given != default:
-            conflicts.append(f"{key}={given} (checkpoint: {saved[key]})")
         setattr(args, key, saved[key])
-    if conflicts:
-        raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(conflicts))
 
 
-def prepare_folder(args, run_dir, log_path, resuming):
-    """Create the run folder; refuse to start over a run that is already there."""
-    existing = [p for p in (log_path, os.path.join(run_dir, "checkpoint.pth.tar")) if os.path.exists(p)]
-    if existing and not resuming and not args.overwrite:
-        raise UsageError(f"{existing[0]} already exists: continue that run with --resume "
-                         f"{run_dir}, start it over with --overwrite, or choose another --save")
+def holds_run(run_dir):
+    """A folder holds a run once a checkpoint is written: a start that failed before
+    (a wrong path, a kill while starting) leaves nothing that must be kept."""
+    return any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT, BEST))
+
+
+def refuse_to_overwrite(args, run_dir):
+    """Nothing is started over by accident; this check writes nothing."""
+    if holds_run(run_dir) and args.resume is None and not args.overwrite:
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         f"start it over with --overwrite, or choose another --save")
+
+
+def make_run_folder(args, run_dir, log_path):
+    """Create the run folder (or take over an existing one): check that it can be
+    written, remove what writes killed midway left (temporary files), and with
+    ``--overwrite`` the previous run's files."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write-test")
@@ -380,21 +416,29 @@ def prepare_folder(args, run_dir, log_path, resuming):
         os.unlink(probe)
     except OSError as error:
         raise UsageError(f"cannot write to {run_dir}: {error.strerror or error}") from None
-    if existing and args.overwrite and not resuming:
-        for name in ("checkpoint.pth.tar", "model_best.pth.tar", "metrics.csv"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.unlink(os.path.join(run_dir, name))
+    leftovers = [name for name in os.listdir(run_dir) if name.endswith(".tmp") and
+                 (name == "metrics.csv.tmp" or name.startswith((f".{CHECKPOINT}.", f".{BEST}.")))]
+    if args.overwrite and args.resume is None:
+        leftovers += [name for name in (CHECKPOINT, BEST, "metrics.csv")
+                      if os.path.exists(os.path.join(run_dir, name))]
         if os.path.exists(log_path):
             os.unlink(log_path)
+    for name in leftovers:
+        os.unlink(os.path.join(run_dir, name))
 
 
 def write_csv(path, history):
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def without_momenta(optimizer_state):
@@ -406,16 +450,15 @@ def without_momenta(optimizer_state):
 
 # ---- the run ---------------------------------------------------------------------------------
 
-def train(args, parser, device):
-    resuming = args.resume is not None
+def train(args, device):
     ckpt = None
-    if resuming:
+    if args.resume is not None:
         path, args.save, args.results_dir = resolve_resume(args)
         ckpt = checkpoint.load(path, map_location=device)
         if ckpt.get("format") != checkpoint.FORMAT:
             raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
                                   f"checkpoints can be resumed")
-        check_same_run(args, parser, ckpt["config"])
+        check_same_run(args, ckpt["config"])
         if ckpt["epoch"] >= args.epochs:
             print(f"{path}: the run is finished; "
                   f"{best_line(ckpt['best_prec1'], ckpt['best_epoch'], args.epochs)}")
@@ -426,10 +469,11 @@ def train(args, parser, device):
         args.save = f"{args.model}_{args.dataset}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(args.results_dir, args.save)
     log_path = run_dir + ".txt"
-    prepare_folder(args, run_dir, log_path, resuming)
+    refuse_to_overwrite(args, run_dir)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
     settings["save"] = args.save
 
+    # Everything that can fail on bad input fails before the first file is written.
     seed_everything(args.seed)
     images = read_cifar(args.data_root, args.dataset)
     model, opt = build(settings, device)
@@ -437,9 +481,11 @@ def train(args, parser, device):
     steps = len(train_loader)
     lr_at = lambda it: learning_rate(it, args.lr, args.warmup_epochs * steps, args.epochs * steps,
                                      args.lr_decay)
-
     if ckpt is not None:
         load_into(model, opt, ckpt, path)
+    make_run_folder(args, run_dir, log_path)
+
+    if ckpt is not None:
         checkpoint.set_rng_states(ckpt["rng"], device)
         start, history = ckpt["epoch"], list(ckpt["history"])
         best_prec1, best_epoch = ckpt["best_prec1"], ckpt["best_epoch"]
@@ -459,8 +505,8 @@ def train(args, parser, device):
                 "best_prec1": best_prec1, "best_epoch": best_epoch, "history": history,
                 "rng": checkpoint.rng_states(device), "log_offset": log.offset}
 
-    ckpt_path = os.path.join(run_dir, "checkpoint.pth.tar")
-    best_path = os.path.join(run_dir, "model_best.pth.tar")
+    ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    best_path = os.path.join(run_dir, BEST)
     if ckpt is None:
         checkpoint.save_atomic(snapshot(0), ckpt_path)  # a stop in epoch 1 can resume too
     elif best_epoch == start and start > 0:  # the stop may have come before model_best was written
@@ -482,13 +528,15 @@ def train(args, parser, device):
             if stop.signum is not None:
                 log.write(f"Stopped by {signal.Signals(stop.signum).name} during epoch {epoch}/{args.epochs}; "
                           f"the checkpoint of epoch {epoch - 1} is {ckpt_path}. Resume with: "
-                          f"python main.py --resume {run_dir}")
+                          f"{resume_command(args, run_dir)}")
                 return 128 + stop.signum
             mean = evaluate_mean(model, opt, test_loader, device, args.bf16)
             if not (math.isfinite(trained["loss"]) and math.isfinite(val["loss"])):
-                log.write(f"Training diverged in epoch {epoch} (train loss {trained['loss']}, "
-                          f"val loss {val['loss']}): stopped. The last good checkpoint (epoch "
-                          f"{epoch - 1}) is {ckpt_path}; try a lower --lr")
+                message = (f"training diverged in epoch {epoch} (train loss {trained['loss']}, "
+                           f"val loss {val['loss']}): stopped. The last good checkpoint (epoch "
+                           f"{epoch - 1}) is {ckpt_path}; try a lower --lr")
+                log.write(f"Stopped: {message}", echo=False)
+                print(f"error: {message}", file=sys.stderr)
                 return 3
             is_best = best_epoch == 0 or val["prec1"] > best_prec1
             if is_best:
@@ -520,6 +568,16 @@ def train(args, parser, device):
         log.close()
 
 
+def resume_command(args, run_dir):
+    """The command line that continues this run (with the data and device it used)."""
+    words = ["python", "main.py", "--resume", run_dir]
+    if os.path.normpath(args.data_root) != os.path.normpath(build_parser().get_default("data_root")):
+        words += ["--data_root", args.data_root]
+    if args.gpus is not None:
+        words += ["--gpus", args.gpus]
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def _size(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
 
@@ -527,6 +585,7 @@ def _size(path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = given_settings(argv)
     try:
         if args.demo:
             apply_demo(args)
@@ -536,10 +595,17 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
         if args.evaluate:
             return evaluate_file(args, device)
-        return train(args, parser, device)
+        return train(args, device)
     except (UsageError, DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file the run writes: disk full, permissions, ...
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
+        print("error: interrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -157,7 +157,11 @@ class PILDataset(torch.utils.data.Dataset):
 def torchvision_loader(images, labels, batch_size, train, workers):
     """The released code's input pipeline: a torchvision DataLoader with PIL
     transforms in ``workers`` processes, batches on the CPU. Slower; for
-    comparison and for datasets that do not fit on the device."""
+    comparison and for datasets that do not fit on the device.
+
+    The workers are started anew every epoch (not persistent): each epoch seeds
+    them from the main process's random state, which a checkpoint holds, so a
+    resumed run draws the same augmentations as an uninterrupted one."""
     import torchvision.transforms as T
 
     steps = [T.RandomCrop(32, padding=PADDING), T.RandomHorizontalFlip()] if train else []
@@ -165,5 +169,4 @@ def torchvision_loader(images, labels, batch_size, train, workers):
     drop_last = train and len(labels) % batch_size == 1 and len(labels) > 1
     return torch.utils.data.DataLoader(PILDataset(images, labels, transform), batch_size=batch_size,
                                        shuffle=train, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                                       persistent_workers=workers > 0)
+                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)

@@ -222,7 +222,9 @@ class VISPA(torch.optim.Optimizer):
         optimizer's (another network, another K)."""
         mismatched = self._shape_mismatches(state_dict)
         if mismatched:
-            raise ValueError("optimizer state does not match this network: " + "; ".join(mismatched))
+            shown = "; ".join(mismatched[:3])
+            shown += f"; ... ({len(mismatched)} in all)" if len(mismatched) > 3 else ""
+            raise ValueError("optimizer state does not match this network: " + shown)
         super().load_state_dict(state_dict)
         self._training_sample_drawn = False
         self._write_samples(mean=True, record=False)

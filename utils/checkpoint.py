@@ -9,6 +9,7 @@ lists and dicts, never code, and a file that holds anything else is refused.
 import os
 import pickle
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -21,12 +22,38 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be written or used; the message says why."""
 
 
+class _Writer:
+    """The file object torch.save writes through. torch.save reports a failed write
+    (a full disk, a file-size limit) only as "unexpected pos"; this keeps the
+    operating system's error so that the message can say what happened."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def save_atomic(obj, path: str):
+    """Write ``obj`` to ``path`` through a temporary file in the same folder, flushed
+    to disk and renamed over ``path``: ``path`` is always the old or the new file,
+    whole. A failed write removes the temporary file and raises CheckpointError."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    writer = None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is not
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,11 +62,18 @@ def save_atomic(obj, path: str):
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise CheckpointError(f"could not write {path}: {error.strerror or error}; "
+        cause = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"could not write {path}: {cause.strerror or cause}; "
                                   f"the previous file there is unchanged") from None
         raise
     _fsync_folder(folder)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder):
@@ -64,12 +98,14 @@ def load(path: str, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" (it names {found.group(1)})" if found else ""
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain data, which could run code ({first.strip()})") from None
+                              f"plain data, which could run code{what}") from None
     except Exception as error:
+        first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+                              f"({type(error).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
     return obj
@@ -90,14 +126,16 @@ def rng_states(device: torch.device) -> dict:
 
 
 def set_rng_states(states: dict, device: torch.device):
-    torch.set_rng_state(states["torch"])
+    """Restore what ``rng_states`` returned. The states are CPU tensors whatever device
+    the checkpoint was loaded onto (``map_location`` moves them with everything else)."""
+    torch.set_rng_state(states["torch"].cpu())
     n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def from_released(state_dict: dict, model_state: dict, z_shapes: dict, path: str):

@@ -31,8 +31,9 @@ class RunLog:
         self.file.truncate(self.offset)
         self._write_best()
 
-    def write(self, message: str = ""):
-        if self.echo:
+    def write(self, message: str = "", echo: bool = None):
+        """Append a line (and print it, unless ``echo`` or the log's own setting says no)."""
+        if self.echo if echo is None else echo:
             print(message, flush=True)
         self.file.truncate(self.offset)
         self.file.seek(self.offset)

@@ -1,0 +1,203 @@
+"""Helpers for the tests that drive main.py in subprocesses: tiny generated
+datasets, the command lines of tiny runs, watching a running process, and
+comparing what runs leave behind (logs, metrics.csv, checkpoints)."""
+import csv
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data.synthetic import write_structured_cifar  # noqa: E402
+from utils import checkpoint  # noqa: E402
+
+CHECKPOINT = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+
+# A run small enough for a CPU test: 5 training steps per epoch, a fraction of a
+# second per epoch after the ~2 s it takes to import torch.
+TINY = ["--gpus", "cpu", "--model", "resnet18", "--width", "4", "-b", "64", "-L", "2", "-K", "2",
+        "--warmup_epochs", "1", "--seed", "1", "--dataset", "cifar10"]
+
+
+def make_dataset(root):
+    """A small structured CIFAR-10 (300 + 100 images) in the real on-disk format;
+    returns ``root``."""
+    write_structured_cifar(str(root), "cifar10", num_train=300, num_test=100, seed=0)
+    return str(root)
+
+
+# One thread per process: on a small machine shared with other work, a second
+# thread waiting for a busy core makes every step many times slower.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def main_command(*args):
+    return [sys.executable, os.path.join(REPO, "main.py"), *map(str, args)]
+
+
+def run_main(*args, timeout=300, **kwargs):
+    """Run main.py to its end; returns the CompletedProcess (text stdout/stderr)."""
+    kwargs.setdefault("env", ENV)
+    return subprocess.run(main_command(*args), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def start_main(*args, output):
+    """Start main.py; its stdout and stderr go to the file ``output``."""
+    with open(output, "w") as sink:
+        return subprocess.Popen(main_command(*args), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                env=ENV)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+class CheckpointWatcher:
+    """Loads every version of the run folder's checkpoint files it sees, as soon as it
+    sees it: opened first, then read, so a rename in between cannot mix two files.
+    ``failures`` lists the versions that did not load (torn or truncated files)."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.seen = {}  # (name, inode, mtime, size) -> epoch
+        self.failures = []
+
+    def poll(self):
+        for name in (CHECKPOINT, BEST):
+            path = os.path.join(self.run_dir, name)
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                continue
+            with f:
+                st = os.fstat(f.fileno())
+                key = (name, st.st_ino, st.st_mtime_ns, st.st_size)
+                if key in self.seen:
+                    continue
+                try:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+                    self.seen[key] = obj["epoch"]
+                except Exception as error:  # recorded, reported by the test
+                    self.seen[key] = None
+                    self.failures.append(f"{name} ({st.st_size} bytes): {error}")
+
+
+def temporary_files(run_dir):
+    """The temporary files of unfinished writes in ``run_dir``."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(n for n in os.listdir(run_dir) if n.endswith(".tmp"))
+
+
+def watch(process, run_dir, output, watcher, kill_when=None, fast=False, deadline=120.0):
+    """Poll the running ``process`` (and its checkpoints, through ``watcher``) until it
+    exits or ``kill_when(output_text, run_dir)`` is true; then kill it with SIGKILL at
+    once. ``fast``: poll without pausing (to catch a write in progress).
+    Returns True if it was killed."""
+    began = time.monotonic()
+    while process.poll() is None:
+        if time.monotonic() - began > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"main.py still running after {deadline} s")
+        if kill_when is not None and kill_when(read_text(output), run_dir):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            watcher.poll()
+            return True
+        if not fast:  # loading a checkpoint takes longer than writing one
+            watcher.poll()
+            time.sleep(0.002)
+    watcher.poll()
+    return False
+
+
+def send_when_logged(process, output, pattern, signum, deadline=120.0):
+    """Send ``signum`` to ``process`` as soon as its output matches ``pattern``; wait for its end."""
+    began = time.monotonic()
+    while process.poll() is None and time.monotonic() - began < deadline:
+        if re.search(pattern, read_text(output), re.M):
+            process.send_signal(signum)
+            break
+        time.sleep(0.002)
+    process.wait(timeout=deadline)
+
+
+EPOCH_LINE = re.compile(r"^(Epoch \d+/\d+ .*)\|\s*[0-9.]+ s$", re.M)
+
+
+def epoch_lines(log_text):
+    """The log's epoch lines without their last field (the seconds the epoch took)."""
+    return [m.group(1).rstrip() for m in EPOCH_LINE.finditer(log_text)]
+
+
+def metrics_without_seconds(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def load_checkpoint(path):
+    return checkpoint.load(str(path))
+
+
+def tensors_of(obj, prefix=""):
+    """Every tensor in a nested checkpoint structure, by its path of keys."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    found = {}
+    for key, value in items:
+        found.update(tensors_of(value, f"{prefix}/{key}"))
+    return found
+
+
+def without_tensors(obj):
+    """A nested structure with its tensors left out: the plain data next to them."""
+    if isinstance(obj, dict):
+        return {k: without_tensors(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(obj, (list, tuple)):
+        return [without_tensors(v) for v in obj if not isinstance(v, torch.Tensor)]
+    return obj
+
+
+def assert_bit_identical(a, b, what):
+    """Same plain data, and tensors with the same keys, dtypes, shapes and bytes
+    (NaN-safe, and +0.0 differs from -0.0)."""
+    assert without_tensors(a) == without_tensors(b), f"{what}: different data next to the tensors"
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert sorted(ta) == sorted(tb), f"{what}: different tensors"
+    assert ta, f"{what}: no tensors to compare"
+    different = [k for k in ta if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape
+                 or ta[k].reshape(-1).view(torch.uint8).numpy().tobytes()
+                 != tb[k].reshape(-1).view(torch.uint8).numpy().tobytes()]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def folder_digest(*folders):
+    """sha256 of every file under ``folders``, and which files and folders exist."""
+    digest = {}
+    for folder in folders:
+        for base, subfolders, files in os.walk(folder):
+            digest.update({os.path.join(base, name): "folder" for name in subfolders})
+            for name in files:
+                path = os.path.join(base, name)
+                with open(path, "rb") as f:
+                    digest[path] = hashlib.sha256(f.read()).hexdigest()
+    return digest

@@ -1,0 +1,307 @@
+"""Every bad input ends main.py with one clear line on stderr ("error: ...", or
+argparse's own message), a non-zero exit, and no existing file changed - and a
+start that fails leaves nothing behind that would block the next one. A full disk
+during a save leaves the previous checkpoint as it was. All through main.py in
+subprocesses, on the CPU."""
+import os
+import re
+import resource
+import shutil
+import signal
+
+import pytest
+import torch
+
+from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, make_dataset,
+                     read_text, run_main, send_when_logged, start_main, temporary_files)
+from models import build_model
+from data import NUM_CLASSES
+
+
+class World:
+    """A dataset, a finished run ``base`` and a folder of damaged or foreign files."""
+
+    def __init__(self, root):
+        self.data = make_dataset(root / "data")
+        self.results = str(root / "results")
+        self.files = str(root / "files")
+        self.base = os.path.join(self.results, "base")
+        self.checkpoint = os.path.join(self.base, CHECKPOINT)
+
+    def digest(self):
+        return folder_digest(self.data, self.results, self.files)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("world"))
+    r = run_main(*TINY, "--epochs", 1, "--data_root", w.data, "--results_dir", w.results, "--save", "base")
+    assert r.returncode == 0, r.stdout + r.stderr
+    os.makedirs(w.files)
+    with open(w.checkpoint, "rb") as f:
+        whole = f.read()
+    write(w, "truncated.pth", whole[:len(whole) // 2])
+    write(w, "text.pth", b"this is not a checkpoint\n")
+    ckpt = load_checkpoint(w.checkpoint)
+    torch.save(released_layout(ckpt), os.path.join(w.files, "released.pth"))
+    # settings that say K=4 around tensors of a K=2 run, at epoch 0 so that it would resume
+    torch.save(dict(ckpt, config=dict(ckpt["config"], K=4), epoch=0),
+               os.path.join(w.files, "other-K-inside.pth"))
+    torch.save({"format": "vispa-checkpoint", "model": CreatesAFile(os.path.join(w.files, "MARKER"))},
+               os.path.join(w.files, "code.pth"))
+    return w
+
+
+def write(world, name, data):
+    with open(os.path.join(world.files, name), "wb") as f:
+        f.write(data)
+
+
+class CreatesAFile:
+    """Unpickling this object opens (creates) a file: the proof that a loader ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def released_layout(ckpt):
+    """One of our checkpoints in the layout of the authors' released files (M, Z and
+    Alpha next to the layer's other tensors, behind nn.DataParallel's prefix)."""
+    config = ckpt["config"]
+    names = [name for name, _ in build_model(config["model"], NUM_CLASSES[config["dataset"]],
+                                             config["width"]).named_parameters()]
+    state = ckpt["optimizer"]["state"]
+    layout = {}
+    for key, value in ckpt["model"].items():
+        layer, _, leaf = key.rpartition(".")
+        index = names.index(key) if key in names else None
+        if index is not None and "M" in state.get(index, {}):
+            layout[f"module.{layer}.M"] = state[index]["M"]
+            layout[f"module.{layer}.Z"] = state[index]["Z"]
+        elif leaf == "alpha":
+            layout[f"module.{layer}.Alpha"] = value
+        else:
+            layout[f"module.{key}"] = value
+    return {"state_dict": layout, "epoch": ckpt["epoch"], "best_prec1": ckpt["best_prec1"]}
+
+
+def fails_cleanly(world, *args, message, argparse=False):
+    """Run main.py; check the exit code, the one line of error and that no file under
+    the data, results and files folders was changed, added or removed."""
+    before = world.digest()
+    r = run_main(*args)
+    assert world.digest() == before, "a file was changed, added or removed"
+    lines = r.stderr.strip().splitlines()
+    if argparse:  # argparse prints its usage first, then one line
+        assert r.returncode == 2, r.stderr
+        assert lines[-1].startswith("main.py: error: argument "), r.stderr
+    else:
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(message, lines[-1]), lines[-1]
+    return lines[-1]
+
+
+def train_args(world, *extra, data_root=None, save="new"):
+    return (*TINY, "--epochs", 2, "--data_root", data_root or world.data, "--results_dir", world.results,
+            "--save", save, *extra)
+
+
+# ---- datasets --------------------------------------------------------------------------------
+
+def test_missing_dataset_says_how_to_download_it(world, tmp_path):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    line = fails_cleanly(world, *train_args(world, data_root=empty),
+                         message=r"cifar10 not found: .*data_batch_1 is missing")
+    assert f"`DATA_ROOT={empty} bash download_data.sh cifar10`" in line
+    assert not os.path.exists(os.path.join(world.results, "new")), "a failed start left a run folder"
+
+
+def test_overwrite_that_fails_at_start_deletes_nothing(world, tmp_path):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    fails_cleanly(world, *train_args(world, "--overwrite", data_root=empty, save="base"),
+                  message=r"cifar10 not found")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a pickle"])
+def test_damaged_dataset_file(world, tmp_path, damage):
+    data = str(tmp_path / "data")
+    shutil.copytree(world.data, data)
+    path = os.path.join(data, "cifar-10-batches-py", "test_batch")
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[:len(whole) // 3] if damage == "truncated" else b"\x00garbage" * 100)
+    fails_cleanly(world, *train_args(world, data_root=data),
+                  message=rf"cannot read {re.escape(path)}: .*download it again")
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_next_one(world, tmp_path):
+    results = str(tmp_path / "results")
+    args = [*TINY, "--epochs", 1, "--results_dir", results, "--save", "run"]
+    r = run_main(*args, "--data_root", tmp_path / "wrong")
+    assert r.returncode == 1 and "not found" in r.stderr
+    assert not os.path.exists(results)
+    # what a start killed before its first checkpoint leaves: a log, a partial write
+    os.makedirs(os.path.join(results, "run"))
+    with open(os.path.join(results, "run.txt"), "w") as f:
+        f.write("VISPA run run: an earlier start\n")
+    with open(os.path.join(results, "run", f".{CHECKPOINT}.abc123.tmp"), "wb") as f:
+        f.write(b"PK\x03\x04 partial")
+    r = run_main(*args, "--data_root", world.data)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "an earlier start" not in read_text(os.path.join(results, "run.txt"))
+    assert load_checkpoint(os.path.join(results, "run", CHECKPOINT))["epoch"] == 1
+    assert temporary_files(os.path.join(results, "run")) == []
+
+
+def test_starting_over_an_existing_run_is_refused(world):
+    fails_cleanly(world, *train_args(world, save="base"),
+                  message=r"already holds a run: continue it with --resume .*--overwrite")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+BROKEN = {
+    "missing": ("does-not-exist.pth", r"checkpoint not found: .*does-not-exist\.pth"),
+    "truncated": ("truncated.pth", r"cannot read .*truncated\.pth: truncated, corrupt, or not a checkpoint"),
+    "not a checkpoint": ("text.pth", r"cannot read .*text\.pth: truncated, corrupt, or not a checkpoint"),
+    "holds code": ("code.pth", r"refusing to load .*code\.pth: it holds objects other than tensors "
+                               r"and plain data, which could run code \(it names \S*open\)"),
+}
+
+
+@pytest.mark.parametrize("option", ["--resume", "--evaluate"])
+@pytest.mark.parametrize("problem", list(BROKEN))
+def test_unusable_checkpoint(world, option, problem):
+    name, message = BROKEN[problem]
+    fails_cleanly(world, option, os.path.join(world.files, name), "--data_root", world.data,
+                  "--gpus", "cpu", message=message)
+    assert not os.path.exists(os.path.join(world.files, "MARKER")), "the file's code was run"
+
+
+OTHER_NETWORK = {
+    "architecture": (["--model", "vgg16"], "model=vgg16 (checkpoint: resnet18)"),
+    "K": (["-K", "8"], "K=8 (checkpoint: 2)"),  # 8 is the default: typed out, it still counts
+    "number of classes": (["--dataset", "cifar100"], "dataset=cifar100 (checkpoint: cifar10)"),
+}
+
+
+@pytest.mark.parametrize("other", list(OTHER_NETWORK))
+def test_resume_with_settings_of_another_network(world, other):
+    flags, conflict = OTHER_NETWORK[other]
+    fails_cleanly(world, "--resume", world.base, "--data_root", world.data, "--gpus", "cpu", *flags,
+                  message=r"the checkpoint belongs to another run: " + re.escape(conflict))
+
+
+@pytest.mark.parametrize("other", list(OTHER_NETWORK))
+def test_evaluate_our_checkpoint_as_another_network(world, other):
+    flags, conflict = OTHER_NETWORK[other]
+    fails_cleanly(world, "--evaluate", world.checkpoint, "--data_root", world.data, "--gpus", "cpu",
+                  *flags, message=r"holds another network than the one asked for: " + re.escape(conflict))
+
+
+def test_resume_checkpoint_whose_tensors_do_not_fit_its_settings(world):
+    fails_cleanly(world, "--resume", os.path.join(world.files, "other-K-inside.pth"), "--data_root",
+                  world.data, "--gpus", "cpu",
+                  message=r"other-K-inside\.pth does not fit this network: .*Z has shape \(2, .*\(4, ")
+
+
+RELEASED = ["--evaluate", None, "--model", "resnet18", "--width", "4", "-K", "2", "--dataset", "cifar10",
+            "-L", "2", "--gpus", "cpu"]
+
+
+def released_args(world, **changes):
+    args = list(RELEASED)
+    args[1] = os.path.join(world.files, "released.pth")
+    for flag, value in changes.items():
+        args[args.index(flag) + 1] = value
+    return [*args, "--data_root", world.data]
+
+
+def test_released_layout_file_evaluates_with_the_right_network(world):
+    """The file the next test feeds to other networks is a valid one."""
+    r = run_main(*released_args(world))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "released checkpoint" in r.stdout
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--model", "vgg16", r"missing: .*unexpected: "),
+    ("-K", "4", r"shape mismatch: .*\.Z \(2, .* in the file, \(4, "),
+    ("--dataset", "cifar100", r"shape mismatch: .*linear\.weight \(10, .* in the file, \(100, "),
+], ids=["architecture", "K", "number of classes"])
+def test_evaluate_released_layout_as_another_network(world, flag, value, problem):
+    fails_cleanly(world, *released_args(world, **{flag: value}),
+                  message=r"released\.pth does not match the network \(another architecture, K or "
+                          r"number of classes\?\) - " + problem)
+
+
+# ---- settings and devices --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["-K", "-1"], r"argument -K: must be >= 0, got -1"),
+    (["-L", "0"], r"argument -L: must be >= 1, got 0"),
+    (["--scale", "0"], r"argument -scale/--scale: must be > 0, got 0"),
+    (["-b", "0"], r"argument -b/--batch-size: must be >= 1, got 0"),
+    (["--epochs", "0"], r"argument --epochs: must be >= 1, got 0"),
+    (["--lr", "-0.1"], r"argument --lr: must be >= 0, got -0.1"),
+    (["--model", "resnet50"], r"argument --model: unknown model 'resnet50'; choose one of: resnet18"),
+    (["--dataset", "mnist"], r"argument --dataset: invalid choice: 'mnist'"),
+], ids=["K<0", "L<1", "S<=0", "batch<1", "epochs<1", "lr<0", "unknown model", "unknown dataset"])
+def test_invalid_setting(world, flags, message):
+    fails_cleanly(world, *train_args(world), *flags, message=message, argparse=True)
+
+
+@pytest.mark.parametrize("gpus", [
+    "99",
+    pytest.param("0", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has GPU 0")),
+])
+def test_gpu_that_does_not_exist(world, gpus):
+    args = list(train_args(world))
+    args[args.index("--gpus") + 1] = gpus
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    fails_cleanly(world, *args, message=rf"--gpus {gpus}: no such CUDA device \(this machine has "
+                                        rf"{count or 'no'} GPU.*; use --gpus cpu\)")
+
+
+def test_results_folder_that_cannot_be_written(world):
+    under_a_file = os.path.join(world.files, "text.pth", "results")  # text.pth is a regular file
+    args = list(train_args(world))
+    args[args.index("--results_dir") + 1] = under_a_file
+    fails_cleanly(world, *args, message=rf"cannot write to {re.escape(under_a_file)}/new: Not a directory")
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(world, tmp_path):
+    results = str(tmp_path / "results")
+    run_dir = os.path.join(results, "run")
+    output = str(tmp_path / "output.txt")
+    process = start_main(*TINY, "--epochs", 3, "--data_root", world.data, "--results_dir", results,
+                         "--save", "run", output=output)
+    send_when_logged(process, output, r"^Epoch 1/", signal.SIGTERM)
+    assert process.returncode != 0 and load_checkpoint(os.path.join(run_dir, CHECKPOINT))["epoch"] == 1
+    with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
+        previous = f.read()
+    # A file-size limit makes every write past it fail (EFBIG) as a full disk does
+    # (ENOSPC): model_best.pth.tar still fits, the full checkpoint of epoch 2 does not.
+    limit = (os.path.getsize(os.path.join(run_dir, BEST)) + len(previous)) // 2
+    assert os.path.getsize(os.path.join(run_dir, BEST)) < limit < len(previous)
+    r = run_main("--resume", run_dir, "--data_root", world.data, "--gpus", "cpu",
+                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert re.fullmatch(rf"error: could not write {re.escape(os.path.join(run_dir, CHECKPOINT))}: "
+                        r"File too large; the previous file there is unchanged", lines[0]), lines[0]
+    with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
+        assert f.read() == previous
+    assert temporary_files(run_dir) == []
+    # with room again, the run goes on from the checkpoint that survived
+    r = run_main("--resume", run_dir, "--data_root", world.data, "--gpus", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Resumed from" in r.stdout and "at epoch 1/3" in r.stdout
+    assert load_checkpoint(os.path.join(run_dir, CHECKPOINT))["epoch"] == 3
