@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -23,7 +24,11 @@ class CheckpointError(Exception):
 
 def save_atomic(obj, path: str):
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise CheckpointError(f"could not write {path}: {error.strerror or error}; "
+                              f"the previous file there is unchanged") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -40,6 +45,67 @@ def save_atomic(obj, path: str):
                                   f"the previous file there is unchanged") from None
         raise
     _fsync_folder(folder)
+
+
+def to_host(obj, _copies=None):
+    """A copy of ``obj`` (dicts, lists, tuples of tensors and plain values) whose tensors
+    are on the CPU and share no memory with the originals: what the training goes on to
+    change in place does not reach it. A tensor that appears twice is copied once."""
+    copies = {} if _copies is None else _copies
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().to("cpu", copy=True)
+        return copies[id(obj)]
+    if isinstance(obj, dict):
+        copy = type(obj)((key, to_host(value, copies)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's version information
+            copy._metadata = obj._metadata
+        return copy
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(value, copies) for value in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """Writes checkpoints with ``save_atomic`` from a thread while training goes on.
+
+    A ResNet18 checkpoint with K = 8 and momenta is about 800 MB: written in the
+    training loop, its every-epoch save would cost seconds of an epoch of a few.
+    ``submit`` first waits for the previous write (so at most one is in flight, and
+    its failure is raised here), then copies the tensors to host memory (a device
+    copy of a fraction of a second: the files hold the state of this moment) and
+    writes the files in order from a thread. ``wait`` blocks until the write is
+    done and raises its error, if any: call it before reporting a checkpoint as
+    written and before the process ends.
+    """
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def submit(self, jobs):
+        """``jobs``: a list of (object, path), written one after the other."""
+        self.wait()
+        snapshot = to_host([obj for obj, _ in jobs])
+        paths = [path for _, path in jobs]
+        self._thread = threading.Thread(target=self._write, args=(list(zip(snapshot, paths)),),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, jobs):
+        try:
+            for obj, path in jobs:
+                save_atomic(obj, path)
+        except BaseException as error:  # handed to the training thread by wait()
+            self._error = error
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _fsync_folder(folder):
@@ -90,14 +156,16 @@ def rng_states(device: torch.device) -> dict:
 
 
 def set_rng_states(states: dict, device: torch.device):
-    torch.set_rng_state(states["torch"])
+    """Restore ``rng_states``. The generators take their states as CPU tensors only,
+    whatever device a checkpoint was loaded onto."""
+    torch.set_rng_state(states["torch"].cpu())
     n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def from_released(state_dict: dict, model_state: dict, z_shapes: dict, path: str):
