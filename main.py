@@ -515,6 +515,7 @@ def train(args, device):
     del ckpt
 
     write_csv(os.path.join(run_dir, "metrics.csv"), history)
+    saver = checkpoint.BackgroundSaver()  # the per-epoch checkpoints are written while training goes on
     stop = StopRequest()
     progress = progress_bars(sys.stderr.isatty())
     try:
@@ -526,12 +527,14 @@ def train(args, device):
             val = None if trained is None else evaluate(model, opt, test_loader, args.L, device,
                                                         args.bf16, stop, progress)
             if stop.signum is not None:
+                saver.wait()
                 log.write(f"Stopped by {signal.Signals(stop.signum).name} during epoch {epoch}/{args.epochs}; "
                           f"the checkpoint of epoch {epoch - 1} is {ckpt_path}. Resume with: "
                           f"{resume_command(args, run_dir)}")
                 return 128 + stop.signum
             mean = evaluate_mean(model, opt, test_loader, device, args.bf16)
             if not (math.isfinite(trained["loss"]) and math.isfinite(val["loss"])):
+                saver.wait()
                 message = (f"training diverged in epoch {epoch} (train loss {trained['loss']}, "
                            f"val loss {val['loss']}): stopped. The last good checkpoint (epoch "
                            f"{epoch - 1}) is {ckpt_path}; try a lower --lr")
@@ -558,14 +561,19 @@ def train(args, device):
             log.set_best(best_prec1, best_epoch)
             write_csv(os.path.join(run_dir, "metrics.csv"), history)
             state = snapshot(epoch)
-            checkpoint.save_atomic(state, ckpt_path)
+            jobs = [(state, ckpt_path)]
             if is_best:
-                checkpoint.save_atomic(dict(state, optimizer=without_momenta(state["optimizer"])), best_path)
+                jobs.append((dict(state, optimizer=without_momenta(state["optimizer"])), best_path))
+            saver.submit(jobs)
+        saver.wait()
         print(best_line(best_prec1, best_epoch, args.epochs))
         return 0
     finally:
         stop.restore()
-        log.close()
+        try:
+            saver.wait()  # a checkpoint is complete (or its error raised) before the run ends
+        finally:
+            log.close()
 
 
 def resume_command(args, run_dir):
