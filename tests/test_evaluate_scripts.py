@@ -313,18 +313,22 @@ def test_missing_released_checkpoint_says_where_to_get_it(tmp_path, model):
 
 def test_own_checkpoint_evaluates_to_its_logged_mean_network(tmp_path):
     """A checkpoint written by main.py: the script reports its mean network's accuracy as
-    the run's log does for the best epoch (the mean network has no random draws)."""
+    the run's log does for the best epoch (the mean network has no random draws). The
+    network is the file's (here a narrow one); the script's model and K must agree."""
     data_root = write_tiny_cifar100(str(tmp_path / "data"))
     run = subprocess.run(
-        [sys.executable, os.path.join(REPO, "main.py"), "--gpus", "cpu", "--model", "vgg16",
-         "--width", "8", "--epochs", "2", "-b", "64", "-L", "2", "-K", "2", "--warmup_epochs", "1",
+        [sys.executable, os.path.join(REPO, "main.py"), "--gpus", "cpu", "--model", "resnet18",
+         "--width", "4", "--epochs", "2", "-b", "64", "-L", "2", "-K", "8", "--warmup_epochs", "1",
          "--seed", "3", "--data_root", data_root, "--results_dir", str(tmp_path), "--save", "run"],
         env=script_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     epochs, (best, best_epoch, _) = read_log(tmp_path / "run.txt")
     result = evaluate("resnet18", str(tmp_path / "run" / "model_best.pth.tar"), data_root=data_root, L=3)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "(vgg16, cifar100, K=2; epoch" in result.stdout  # the file's network, not the script's
+    assert "(resnet18, cifar100, K=8; epoch" in result.stdout
     line = results_line(result.stdout)
     assert "(L=3)" in line
     assert line.endswith(f"mean network Prec@1 {epochs[best_epoch][1]:.2f}")
+
+    other = evaluate("vgg16", str(tmp_path / "run" / "model_best.pth.tar"), data_root=data_root, L=3)
+    assert_clear_error(other, "holds another network than the one asked for", "model=vgg16 (checkpoint: resnet18)")
