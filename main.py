@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import NUM_CLASSES, DatasetError, DeviceLoader, read_cifar, torchvision_loader
+from data import NUM_CLASSES, DatasetError, DeviceLoader, read_cifar, read_split, torchvision_loader
 from models import MODELS, ALIASES, build_model, canonical_name
 from optim import VISPA, learning_rate
 from utils import checkpoint
@@ -338,7 +338,7 @@ def evaluate_file(args, device):
     else:
         raise CheckpointError(f"{args.evaluate} is neither one of our checkpoints nor in the "
                               f"released layout (no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
-    _, _, test_x, test_y = read_cifar(args.data_root, settings["dataset"])
+    test_x, test_y = read_split(args.data_root, settings["dataset"], "test")
     batch_size = settings["eval_batch_size"]  # ours: the run's own, so results match its log
     test = DeviceLoader(test_x, test_y, batch_size, False, device,
                         torch.channels_last if device.type == "cuda" else torch.contiguous_format)

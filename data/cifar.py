@@ -8,6 +8,7 @@ horizontal flip in pixel space (the distribution of torchvision's
 normalisation of the released code. The reference's pipeline (torchvision
 DataLoader, PIL transforms, worker processes) is ``torchvision_loader``.
 """
+import functools
 import os
 import pickle
 
@@ -38,20 +39,30 @@ def read_cifar(root: str, name: str):
     Returns ``(train_images, train_labels, test_images, test_labels)``: uint8
     tensors of shape (N, 3, 32, 32) and int64 label tensors.
     """
+    _check_present(root, name, ("train", "test"))
+    return (*read_split(root, name, "train"), *read_split(root, name, "test"))
+
+
+def read_split(root: str, name: str, split: str):
+    """(images, labels) of the "train" or "test" split of ``name``."""
+    _check_present(root, name, (split,))
+    folder, train_files, test_file, label_key, num_classes = LAYOUTS[name]
+    files = train_files if split == "train" else [test_file]
+    parts = [_read_batch(os.path.join(root, folder, f), label_key, num_classes) for f in files]
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def _check_present(root, name, splits):
+    """DatasetError saying how to download ``name`` if a file of ``splits`` is missing."""
     if name not in LAYOUTS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(LAYOUTS)}")
-    folder, train_files, test_file, label_key, num_classes = LAYOUTS[name]
-    directory = os.path.join(root, folder)
-    missing = [f for f in train_files + [test_file] if not os.path.isfile(os.path.join(directory, f))]
+    folder, train_files, test_file, _, _ = LAYOUTS[name]
+    files = (train_files if "train" in splits else []) + ([test_file] if "test" in splits else [])
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, folder, f))]
     if missing:
         where = "" if os.path.normpath(root) == "datasets" else f"DATA_ROOT={root} "
-        raise DatasetError(f"{name} not found: {os.path.join(directory, missing[0])} is missing; "
+        raise DatasetError(f"{name} not found: {os.path.join(root, folder, missing[0])} is missing; "
                            f"download it with `{where}bash download_data.sh {name}`")
-    train = [_read_batch(os.path.join(directory, f), label_key, num_classes) for f in train_files]
-    test = _read_batch(os.path.join(directory, test_file), label_key, num_classes)
-    train_images = torch.cat([images for images, _ in train])
-    train_labels = torch.cat([labels for _, labels in train])
-    return train_images, train_labels, test[0], test[1]
 
 
 def _read_batch(path, label_key, num_classes):
@@ -77,11 +88,18 @@ def _read_batch(path, label_key, num_classes):
     return images, torch.from_numpy(labels)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device):
+    """The normalisation constants on ``device``, made once: building them from Python
+    lists at every batch would be a host-to-device copy, which waits for the GPU."""
+    return (torch.tensor(MEAN, device=device).view(3, 1, 1),
+            torch.tensor(STD, device=device).view(3, 1, 1))
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32, as ToTensor + Normalize compute it: x / 255, then
     (x - mean) / std."""
-    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    mean, std = _mean_std(images.device)
     return images.float().div(255).sub_(mean).div_(std)
 
 
