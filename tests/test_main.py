@@ -1,24 +1,15 @@
 """main.py end to end, in subprocesses, on small generated datasets in the CIFAR
 on-disk format."""
-import csv
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data.synthetic import write_structured_cifar
+from helpers import epoch_lines, metrics_without_seconds, run_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEST = re.compile(r"^Best Prec@1: (\d+\.\d\d) \(epoch (\d+)/(\d+)\)$")
 EPOCH = re.compile(r"^Epoch (\d+)/(\d+) .*val loss \S+ Prec@1 (\S+) .*mean-net Prec@1 (\S+)")
-
-
-def run_main(*args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +23,6 @@ def tiny_run(data_root, results, save, *extra):
     return run_main("--gpus", "cpu", "--dataset", "cifar10", "--data_root", data_root,
                     "--model", "resnet18", "--width", 4, "--epochs", 2, "-b", 64, "-L", 2, "-K", 2,
                     "--warmup_epochs", 1, "--seed", 1, "--results_dir", results, "--save", save, *extra)
-
-
-def metric_rows(path):
-    """metrics.csv without the wall-clock column."""
-    with open(path) as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
-def epoch_lines(log):
-    return [re.sub(r"\|\s+[\d.]+ s$", "", line) for line in log if line.startswith("Epoch ")]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +48,7 @@ def test_log_ends_with_the_best_line_and_names_every_epoch(finished_run):
 
 def test_run_folder_holds_csv_and_both_checkpoints(finished_run):
     results, _ = finished_run
-    rows = metric_rows(results / "tiny" / "metrics.csv")
+    rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
     assert [row["epoch"] for row in rows] == ["1", "2"]
     ckpt = torch.load(results / "tiny" / "checkpoint.pth.tar", weights_only=True)
     best = torch.load(results / "tiny" / "model_best.pth.tar", weights_only=True)
@@ -78,7 +59,7 @@ def test_run_folder_holds_csv_and_both_checkpoints(finished_run):
 
 def test_evaluate_reproduces_the_logged_mean_network_accuracy(finished_run, data_root):
     results, _ = finished_run
-    rows = metric_rows(results / "tiny" / "metrics.csv")
+    rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
     best_epoch = int(rows[-1]["best_epoch"])
     logged = rows[best_epoch - 1]
     out = run_main("--evaluate", results / "tiny" / "model_best.pth.tar", "--gpus", "cpu", "-L", 2,
@@ -93,9 +74,8 @@ def test_same_seed_same_machine_gives_identical_metrics(finished_run, data_root,
     results, _ = finished_run
     again = tiny_run(data_root, tmp_path, "tiny")
     assert again.returncode == 0, again.stderr
-    assert metric_rows(tmp_path / "tiny" / "metrics.csv") == metric_rows(results / "tiny" / "metrics.csv")
-    assert epoch_lines(open(tmp_path / "tiny.txt").read().splitlines()) == \
-        epoch_lines(open(results / "tiny.txt").read().splitlines())
+    assert metrics_without_seconds(tmp_path / "tiny" / "metrics.csv") == metrics_without_seconds(results / "tiny" / "metrics.csv")
+    assert epoch_lines(open(tmp_path / "tiny.txt").read()) == epoch_lines(open(results / "tiny.txt").read())
 
 
 def test_vgg16_and_cifar100_layout_run_end_to_end(tmp_path):
