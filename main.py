@@ -21,6 +21,7 @@ how to resume).
 """
 import argparse
 import csv
+import hashlib
 import math
 import os
 import random
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import NUM_CLASSES, DatasetError, DeviceLoader, read_cifar, read_split, torchvision_loader
-from models import MODELS, ALIASES, build_model, canonical_name
+from models import MODELS, ALIASES, build_model, canonical_name, released
 from optim import VISPA, learning_rate
 from utils import checkpoint
 from utils.checkpoint import CheckpointError
@@ -283,8 +284,15 @@ def build(settings, device):
         model = model.to(device, memory_format=torch.channels_last)
     opt = VISPA(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
                 weight_decay=settings["wd"], K=settings["K"], S=settings["scale"],
-                projection=None if settings["projection"] == "none" else settings["projection"])
+                projection=None if settings["projection"] == "none" else settings["projection"],
+                seed=draws_seed(settings["seed"] if settings["seed"] is not None else 0))
     return model, opt
+
+
+def draws_seed(seed):
+    """The seed of VISPA's generator of draws: made from the run seed, but another
+    stream than the one that initialises the network and shuffles the data."""
+    return int.from_bytes(hashlib.sha256(f"vispa-draws:{seed}".encode()).digest()[:8], "little") >> 2
 
 
 def loaders(settings, images, device, workers):
@@ -307,21 +315,38 @@ def load_into(model, opt, ckpt, path):
         raise CheckpointError(f"{path} does not fit this network: {error}") from None
 
 
-def load_released(model, opt, state_dict, path):
-    """Fill the network and the distribution from the authors' released layout."""
+def load_released(model, opt, found):
+    """Fill the network and the distribution from a released state_dict, mapped by
+    ``models.released.from_released``."""
+    model.load_state_dict(found.model_state)
     params = dict(model.named_parameters())
-    z_shapes = {name: opt.state[p]["Z"].shape for name, p in params.items() if p in opt.state
-                and "Z" in opt.state[p]}
-    model_state, distributions = checkpoint.from_released(state_dict, model.state_dict(), z_shapes, path)
-    model.load_state_dict(model_state)
-    for name, (M, Z) in distributions.items():
+    for name, (M, Z) in found.distributions.items():
         opt.set_distribution(params[name], M, Z)
+
+
+def check_version(ckpt, path, purpose):
+    """Checkpoints of format 1 hold a ResNet18 trained with a ReLU after the stem, which
+    the authors' network (and this one, now) does not have: refused. VGG16 files of
+    format 1 compute the same function and may be evaluated."""
+    version = ckpt.get("version", 1)
+    if version > checkpoint.VERSION:
+        raise CheckpointError(f"{path} was written by a newer version of this program "
+                              f"(checkpoint format {version}; this one reads up to {checkpoint.VERSION})")
+    if version == 1 and ckpt["config"]["model"] == "resnet18":
+        raise CheckpointError(f"{path} holds a ResNet18 of checkpoint format 1, trained with a ReLU "
+                              f"after the stem that the authors' network does not have: it cannot be "
+                              f"{purpose} by this version, which computes the authors' network")
+    if version == 1 and purpose == "resumed":
+        raise CheckpointError(f"{path} was written in checkpoint format 1, whose random draws this "
+                              f"version cannot continue exactly: it can be evaluated, not resumed")
 
 
 def evaluate_file(args, device):
     """``--evaluate``: print the L-sample and mean-network results of a checkpoint."""
     ckpt = checkpoint.load(args.evaluate)
+    note = ""
     if ckpt.get("format") == checkpoint.FORMAT:
+        check_version(ckpt, args.evaluate, "evaluated")
         settings = dict(ckpt["config"])
         different = conflicts(args, settings, ("model", "dataset", "width", "K"))
         if different:
@@ -331,13 +356,30 @@ def evaluate_file(args, device):
         load_into(model, opt, ckpt, args.evaluate)
         source = f"epoch {ckpt['epoch']} of run {settings.get('save')}"
     elif "state_dict" in ckpt:
-        settings = vars(args)
+        try:
+            K = released.rank_of(ckpt["state_dict"])
+        except released.LayoutError as error:
+            raise CheckpointError(f"{args.evaluate}: {error}") from None
+        if "K" in args.given and args.K != K:
+            raise CheckpointError(f"{args.evaluate} holds K={K} (the first dimension of its Z), "
+                                  f"not the -K {args.K} asked for; leave -K out")
+        settings = dict(vars(args), K=K)
         model, opt = build(settings, device)
-        load_released(model, opt, ckpt["state_dict"], args.evaluate)
+        try:
+            found = released.from_released(ckpt["state_dict"], model)
+        except released.LayoutError as error:
+            raise CheckpointError(f"{args.evaluate}: {error}") from None
+        load_released(model, opt, found)
         source = f"released checkpoint, epoch {ckpt.get('epoch')}, best_prec1 {ckpt.get('best_prec1')}"
+        if found.dropped:
+            source += f"; its {len(found.dropped)} unused .sample tensors (zeros) were left out"
+        if K == 0:
+            note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
+                    "every one of the L samples is sign(M) and both results are the same network's.\n")
     else:
         raise CheckpointError(f"{args.evaluate} is neither one of our checkpoints nor in the "
                               f"released layout (no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
+    del ckpt
     test_x, test_y = read_split(args.data_root, settings["dataset"], "test")
     batch_size = settings["eval_batch_size"]  # ours: the run's own, so results match its log
     test = DeviceLoader(test_x, test_y, batch_size, False, device,
@@ -347,7 +389,7 @@ def evaluate_file(args, device):
                    progress=progress_bars(sys.stderr.isatty()))
     mean = evaluate_mean(model, opt, test, device, args.bf16)
     print(f"Evaluated {args.evaluate} ({settings['model']}, {settings['dataset']}, K={settings['K']}; {source})")
-    print(f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
+    print(note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
           f"(L={args.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
     return 0
 
@@ -458,6 +500,7 @@ def train(args, device):
         if ckpt.get("format") != checkpoint.FORMAT:
             raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
                                   f"checkpoints can be resumed")
+        check_version(ckpt, path, "resumed")
         check_same_run(args, ckpt["config"])
         if ckpt["epoch"] >= args.epochs:
             print(f"{path}: the run is finished; "
@@ -500,7 +543,7 @@ def train(args, device):
         log.write(f"Device: {device}; {steps} training steps per epoch")
 
     def snapshot(epoch):
-        return {"format": checkpoint.FORMAT, "config": settings, "epoch": epoch,
+        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": settings, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "best_prec1": best_prec1, "best_epoch": best_epoch, "history": history,
                 "rng": checkpoint.rng_states(device), "log_offset": log.offset}

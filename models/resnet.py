@@ -2,7 +2,8 @@
 
 The full-precision parts are the stem conv, the 1x1 shortcut convs and the
 classifier, as in the released code; module names match the released
-checkpoints one to one.
+checkpoints one to one. The stem is conv -> BatchNorm with no activation, as
+the authors' network computes it.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,8 +51,11 @@ class ResNet18(nn.Module):
 
     def stem(self, x):
         """The layers before the first binary weight: the same for every sample
-        of the binary weights, so L-sample evaluation computes them once."""
-        return F.relu(self.bn1(self.conv1(x)))
+        of the binary weights, so L-sample evaluation computes them once.
+
+        No activation after ``bn1``: the authors' ResNet skips it (their flag
+        ``binarize_a``, True by default, only drops this ReLU)."""
+        return self.bn1(self.conv1(x))
 
     def body(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -14,8 +14,11 @@ from .binary import BinaryConv2d
 CONFIG = [64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P"]
 
 
-def _bn(channels):
-    return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.2, affine=False)
+def _bn(channels, momentum=0.2):
+    """The released network's BatchNorms have no affine part. The conv ones use
+    momentum 0.2; the classifier's (``bn14``-``bn16``, BatchNorm1d there) keep
+    PyTorch's default 0.1."""
+    return nn.BatchNorm2d(channels, eps=1e-5, momentum=momentum, affine=False)
 
 
 class VGG16(nn.Module):
@@ -35,9 +38,9 @@ class VGG16(nn.Module):
             self.add_module(f"bn{index}", _bn(scale(item)))
             in_channels = scale(item)
         hidden = scale(512)
-        self.fc14, self.bn14 = BinaryConv2d(in_channels, hidden, 1), _bn(hidden)
-        self.fc15, self.bn15 = BinaryConv2d(hidden, hidden, 1), _bn(hidden)
-        self.fc16, self.bn16 = BinaryConv2d(hidden, num_classes, 1), _bn(num_classes)
+        self.fc14, self.bn14 = BinaryConv2d(in_channels, hidden, 1), _bn(hidden, momentum=0.1)
+        self.fc15, self.bn15 = BinaryConv2d(hidden, hidden, 1), _bn(hidden, momentum=0.1)
+        self.fc16, self.bn16 = BinaryConv2d(hidden, num_classes, 1), _bn(num_classes, momentum=0.1)
 
     def stem(self, x):
         """Nothing comes before the first binary layer in VGG16."""

@@ -11,10 +11,10 @@ and the network runs on samples ``b = sign(M + sum_k r_k Z_k)`` with ONE vector
 shared ``r`` is what turns the factor into correlations between entries).
 
 With ``g = dLoss/db`` (straight-through: sign passed as the identity) the
-gradients are ``grad M = g`` and ``grad Z_k = sqrt(S) r_k g``; ``M``, ``Z`` and
-every full-precision parameter of the network are then updated by
-torch.optim.SGD's own update (momentum, no dampening, weight decay added to the
-gradient). This is what the authors' released code computes.
+gradients of one sample are ``grad M = g`` and ``grad Z_k = sqrt(S) r_k g``;
+``M``, ``Z`` and every full-precision parameter of the network are then updated
+by torch.optim.SGD's own update (momentum, no dampening, weight decay added to
+the gradient). This is what the authors' released code computes.
 
 The training loop::
 
@@ -25,16 +25,28 @@ The training loop::
             loss_fn(model(x), y).backward()     # one forward pass per sample
         opt.step()                              # updates M, Z and the real parameters
 
+Leaving ``sampled_params(train=True)`` turns that sample's weight gradient ``g``
+into its M and Z gradients (``M.grad``, ``Z.grad`` of the state tensors), with
+the sample's own ``r``. Several training samples before one ``step()`` (Monte
+Carlo samples, gradient accumulation, the ranks of a multi-GPU step) are
+collected one by one, and ``step()`` applies the average of the per-sample
+gradients - of M, Z and the real parameters alike. With one sample per step this
+is exactly the released code's update.
+
 Evaluation runs the network inside ``sampled_params()`` (one fresh sample per
 pass) or ``mean_params()`` (the deterministic network ``sign(M)``). Outside
-these contexts the binary layers keep whatever was written last.
+these contexts the binary layers hold ``sign(M)``: ``model(x)`` and
+``model.state_dict()`` are the mean network.
+
+The draws come from the optimizer's own ``torch.Generator`` (on the weights'
+device), seeded by ``seed`` and saved in ``state_dict()``: they do not depend on
+what else draws random numbers (the data pipeline), and a resumed run draws what
+the uninterrupted one would have drawn.
 
 The optimizer state of a binary weight ``p`` (``opt.state[p]``):
 
     "M", "Z"                        the distribution,
-    "M_momentum", "Z_momentum"      SGD momentum buffers (after the first step),
-    "r"                             the draw (shape (K,), scale 1/sqrt(S)) of the last
-                                    training sample: the one step() uses.
+    "M_momentum", "Z_momentum"      SGD momentum buffers (after the first step).
 
 Full-precision parameters have "momentum_buffer", as in torch.optim.SGD.
 
@@ -74,23 +86,30 @@ class VISPA(torch.optim.Optimizer):
             tensor is on CUDA, torch's default elsewhere; ``True`` = the fused
             kernel on any device; ``False`` = torch's default (multi-tensor
             "foreach" on CUDA).
+        seed: seed of the optimizer's generator of draws (default: one drawn from
+            torch's global generator, so ``torch.manual_seed`` decides it).
 
     ``K``, ``S`` and ``projection`` may differ between parameter groups. The
     initial mean M is the binary layer's initial (real) weight; Z is
     Xavier-normal on its own shape ``(K,) + s``. From construction on, the binary
-    layers hold ``sign(M)``.
+    layers hold ``sign(M)``; a layer that already holds signs (built into another
+    VISPA, or filled from a state_dict) is refused.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, K=8, S=100.0, projection=None,
-                 fused=None):
+                 fused=None, seed=None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         K=K, S=S, projection=projection)
-        self._training_sample_drawn = False
         self.fused = fused
+        self._samples = 0  # training samples whose gradients were collected since the last step
         super().__init__(params, defaults)
-        if not any(_is_binary(p) for group in self.param_groups for p in group["params"]):
+        binary = [p for group in self.param_groups for p in group["params"] if _is_binary(p)]
+        if not binary:
             raise ValueError("VISPA found no binary weights among the parameters: binary "
                              "layers must mark their sign weight with `param.binary = True`")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator(device=binary[0].device).manual_seed(seed)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -102,11 +121,17 @@ class VISPA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _init_distribution(self, p, K):
+        if p.numel() and torch.isin(p, p.new_tensor([-1.0, 0.0, 1.0])).all():
+            raise ValueError(
+                f"a binary weight of shape {tuple(p.shape)} already holds signs, so it cannot be "
+                f"the initial mean M: its layer is managed by another VISPA, or was filled from a "
+                f"state_dict. Build the optimizer on a freshly constructed network, then load a "
+                f"saved distribution with opt.load_state_dict")
         M = p.detach().clone(memory_format=torch.contiguous_format)
         Z = torch.zeros((K,) + tuple(p.shape), dtype=p.dtype, device=p.device)
         if K > 0:
             torch.nn.init.xavier_normal_(Z)
-        self.state[p].update(M=M, Z=Z, r=torch.zeros(K, dtype=p.dtype, device=p.device))
+        self.state[p].update(M=M, Z=Z)
         p.copy_(torch.sign(M))
 
     def _binary_groups(self):
@@ -116,65 +141,141 @@ class VISPA(torch.optim.Optimizer):
             if params:
                 yield group, params
 
+    def binary_params(self):
+        """The binary weights, in the order of the parameter groups: the order of the
+        draws that ``sampled_params`` takes and yields."""
+        return [p for _, params in self._binary_groups() for p in params]
+
     # ---- sampling -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _write_samples(self, mean: bool, record: bool):
+    def _write_samples(self, draws=None):
         """Write ``sign(M + r.Z)`` into every binary weight, one fresh ``r`` per tensor
-        (drawn for a whole group in one call), or ``sign(M)`` when ``mean``."""
+        (drawn for a whole group in one call) or the given ones. Returns the draws,
+        one per binary weight (shape (K,), empty for K = 0)."""
+        given = None
+        if draws is not None:
+            if len(draws) != len(self.binary_params()):
+                raise ValueError(f"{len(draws)} draws given for {len(self.binary_params())} binary weights")
+            given = iter(draws)
+        used = []
         for group, params in self._binary_groups():
             K, S = group["K"], group["S"]
-            if mean or K == 0:
-                for p in params:
-                    p.copy_(torch.sign(self.state[p]["M"]))
-                continue
             first = params[0]
-            draws = torch.randn(len(params), K, dtype=first.dtype, device=first.device)
-            draws.mul_(1.0 / math.sqrt(S))
-            for p, r in zip(params, draws):
+            if given is None:
+                fresh = torch.randn(len(params), K, dtype=first.dtype, device=first.device,
+                                    generator=self.generator)
+                fresh.mul_(1.0 / math.sqrt(S))
+            for i, p in enumerate(params):
+                r = fresh[i] if given is None else next(given).to(p.device, p.dtype)
                 state = self.state[p]
                 M, Z = state["M"], state["Z"]
-                latent = torch.addmv(M.view(-1), Z.view(K, -1).t(), r.to(M.device))
-                # straight into the layer's weight, in its own memory format (channels_last on CUDA)
-                torch.sign(latent.view(p.shape), out=p)
-                if record:
-                    state["r"] = r
+                if K == 0:
+                    torch.sign(M, out=p)
+                else:
+                    latent = torch.addmv(M.view(-1), Z.view(K, -1).t(), r)
+                    # straight into the layer's weight, in its own memory format (channels_last on CUDA)
+                    torch.sign(latent.view(p.shape), out=p)
+                used.append(r)
+        return used
+
+    @torch.no_grad()
+    def _write_means(self):
+        """Write ``sign(M)`` into every binary weight: what the layers hold outside the
+        contexts."""
+        for p in self.binary_params():
+            torch.sign(self.state[p]["M"], out=p)
 
     @contextmanager
-    def sampled_params(self, train: bool = False):
+    def sampled_params(self, train: bool = False, draws=None):
         """Run the enclosed forward pass on one sample of the binary weights.
 
-        With ``train=True`` the draw is recorded for the next ``step()``; draws
-        made with ``train=False`` (evaluation) leave the recorded draw alone, so
-        evaluating between ``backward()`` and ``step()`` does not corrupt the update.
+        Yields the draws ``r`` (one per binary weight, in ``binary_params()`` order,
+        already scaled by ``1/sqrt(S)``). ``draws`` replays given ones instead of
+        drawing fresh ones. With ``train=True``, leaving the context turns the
+        gradient that the enclosed ``backward()`` left on each binary weight into
+        the M and Z gradients of this sample and adds them to those of the
+        samples before it (the weight's own ``.grad`` is then cleared). On leaving,
+        the layers hold ``sign(M)`` again.
         """
-        self._write_samples(mean=False, record=train)
-        if train:
-            self._training_sample_drawn = True
-        yield
+        used = self._write_samples(draws)
+        completed = False
+        try:
+            yield used
+            completed = True
+        finally:
+            if train:
+                self._collect_gradients(used, keep=completed)
+            self._write_means()
 
     @contextmanager
     def mean_params(self):
         """Run the enclosed forward pass on the deterministic network ``b = sign(M)``."""
-        self._write_samples(mean=True, record=False)
+        self._write_means()
         yield
+
+    @torch.no_grad()
+    def _collect_gradients(self, draws, keep=True):
+        """Add ``g`` to ``M.grad`` and ``sqrt(S) r g`` to ``Z.grad`` for the sample drawn
+        with ``draws``; ``keep=False`` (the enclosed code raised) drops the sample."""
+        draws = iter(draws)
+        collected = False
+        for group, params in self._binary_groups():
+            K, S = group["K"], group["S"]
+            for p in params:
+                r = next(draws)
+                g, p.grad = p.grad, None
+                if g is None or not keep:
+                    continue
+                collected = True
+                M, Z = self.state[p]["M"], self.state[p]["Z"]
+                g = g.contiguous()  # M's layout; a copy only for channels_last weights (n floats)
+                M.grad = g if M.grad is None else M.grad.add_(g)
+                if K > 0:
+                    grad_Z = (math.sqrt(S) * r.view((K,) + (1,) * g.dim())) * g
+                    Z.grad = grad_Z if Z.grad is None else Z.grad.add_(grad_Z)
+        self._samples += collected
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Clear the real parameters' gradients and the collected M and Z gradients."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._clear_collected()
+
+    def _clear_collected(self):
+        for p in self.binary_params():
+            self.state[p]["M"].grad = None
+            self.state[p]["Z"].grad = None
+        self._samples = 0
+
+    def collected_gradients(self):
+        """Every gradient the next ``step()`` uses (M, Z and real parameters), as
+        tensors that may be changed in place - e.g. averaged across processes."""
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if _is_binary(p):
+                    grads += [t.grad for t in (self.state[p]["M"], self.state[p]["Z"]) if t.grad is not None]
+                elif p.grad is not None:
+                    grads.append(p.grad)
+        return grads
 
     # ---- update ---------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One SGD step on M, Z and the real parameters from the gradients of the last
-        training sample. ``closure``, if given, must compute the loss and call
-        ``backward()``; it is run inside ``sampled_params(train=True)``."""
+        """One SGD step on M, Z and the real parameters with the average of the
+        gradients of the training samples collected since the last step. ``closure``,
+        if given, must compute the loss and call ``backward()``; it is run inside
+        ``sampled_params(train=True)``."""
         loss = None
         if closure is not None:
             with torch.enable_grad(), self.sampled_params(train=True):
                 loss = closure()
-        if not self._training_sample_drawn:
+        if self._samples == 0:
             raise RuntimeError("VISPA.step() needs the gradients of a training sample: run the "
                                "forward and backward pass inside `opt.sampled_params(train=True)`")
         for group in self.param_groups:
-            params, grads, buffers, owners = self._update_lists(group)
+            params, grads, buffers, owners = self._update_lists(group, self._samples)
             if not params:
                 continue
             fused = self.fused if self.fused is not None else all(t.is_cuda for t in params)
@@ -195,35 +296,34 @@ class VISPA(torch.optim.Optimizer):
                         state[key] = buf
             if group["projection"] == "sphere":
                 for p in group["params"]:
-                    if _is_binary(p) and p.grad is not None:
+                    if _is_binary(p) and self.state[p]["M"].grad is not None:
                         project_to_sphere(self.state[p]["M"], self.state[p]["Z"], group["S"])
-        self._training_sample_drawn = False
+        self._clear_collected()
+        self._write_means()
         return loss
 
-    def _update_lists(self, group):
-        """The tensors SGD updates for ``group``, with their gradients, momentum
-        buffers, and where each buffer is kept."""
+    def _update_lists(self, group, samples):
+        """The tensors SGD updates for ``group``, with their gradients (averaged over
+        ``samples``), momentum buffers, and where each buffer is kept."""
         params, grads, buffers, owners = [], [], [], []
 
         def add(tensor, grad, state, key):
             params.append(tensor)
-            grads.append(grad)
+            grads.append(grad if samples == 1 else grad / samples)
             buffers.append(state.get(key))
             owners.append((state, key))
 
-        K, S = group["K"], group["S"]
         for p in group["params"]:
-            if p.grad is None:
-                continue
             state = self.state[p]
             if not _is_binary(p):
-                add(p, p.grad, state, "momentum_buffer")
+                if p.grad is not None:
+                    add(p, p.grad, state, "momentum_buffer")
                 continue
-            g = p.grad.contiguous()  # M's layout; a copy only for channels_last weights (n floats)
-            add(state["M"], g, state, "M_momentum")
-            if K > 0:
-                r = state["r"].view((K,) + (1,) * g.dim())
-                add(state["Z"], (math.sqrt(S) * r) * g, state, "Z_momentum")
+            M, Z = state["M"], state["Z"]
+            if M.grad is not None:
+                add(M, M.grad, state, "M_momentum")
+            if Z.grad is not None:
+                add(Z, Z.grad, state, "Z_momentum")
         return params, grads, buffers, owners
 
     # ---- checkpoints ----------------------------------------------------------------
@@ -239,20 +339,35 @@ class VISPA(torch.optim.Optimizer):
             state[key].copy_(value)
         param.copy_(torch.sign(state["M"]))
 
+    def state_dict(self):
+        """torch's optimizer state, plus the generator of draws (``"generator"``: the
+        kind of device it draws on and its state)."""
+        state = super().state_dict()
+        state["generator"] = {"device": self.generator.device.type, "state": self.generator.get_state()}
+        return state
 
     def load_state_dict(self, state_dict):
-        """Restore the distribution (and momenta) and write ``sign(M)`` into the layers.
+        """Restore the distribution, the momenta and the generator of draws, and write
+        ``sign(M)`` into the layers. A generator saved on another kind of device
+        (a CUDA run evaluated on the CPU) cannot be restored; this optimizer's own
+        then goes on drawing.
 
         Raises ValueError naming the tensors whose shapes do not match this
         optimizer's (another network, another K)."""
+        state_dict = dict(state_dict)
+        generator = state_dict.pop("generator", None)
         mismatched = self._shape_mismatches(state_dict)
         if mismatched:
             shown = "; ".join(mismatched[:3])
             shown += f"; ... ({len(mismatched)} in all)" if len(mismatched) > 3 else ""
             raise ValueError("optimizer state does not match this network: " + shown)
         super().load_state_dict(state_dict)
-        self._training_sample_drawn = False
-        self._write_samples(mean=True, record=False)
+        for p in self.binary_params():  # what a state of before the draws had their own generator
+            self.state[p].pop("r", None)
+        if generator is not None and generator["device"] == self.generator.device.type:
+            self.generator.set_state(generator["state"].cpu())
+        self._clear_collected()
+        self._write_means()
 
     def _shape_mismatches(self, state_dict):
         saved_groups = state_dict.get("param_groups", [])
@@ -286,15 +401,18 @@ def project_to_sphere(M, Z, S):
 
 
 def _check_hyperparameters(group):
-    if not group["lr"] >= 0:
-        raise ValueError(f"lr must be >= 0, got {group['lr']}")
-    if not group["momentum"] >= 0:
-        raise ValueError(f"momentum must be >= 0, got {group['momentum']}")
-    if not group["weight_decay"] >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    def finite_at_least(name, low):
+        value = group[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
+
+    finite_at_least("lr", 0)
+    finite_at_least("momentum", 0)
+    finite_at_least("weight_decay", 0)
     if not (isinstance(group["K"], int) and group["K"] >= 0):
         raise ValueError(f"K must be an integer >= 0, got {group['K']}")
-    if not group["S"] > 0:
-        raise ValueError(f"S must be > 0, got {group['S']}")
+    S = group["S"]
+    if not (isinstance(S, (int, float)) and math.isfinite(S) and S > 0):
+        raise ValueError(f"S must be a finite number > 0, got {S}")
     if group["projection"] not in (None, "sphere"):
         raise ValueError(f"projection must be None or 'sphere', got {group['projection']!r}")

@@ -14,7 +14,7 @@ import torch
 
 from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, make_dataset,
                      read_text, run_main, send_when_logged, start_main, temporary_files)
-from models import build_model
+from models import build_model, is_binary, released
 from data import NUM_CLASSES
 
 
@@ -68,24 +68,15 @@ class CreatesAFile:
 
 
 def released_layout(ckpt):
-    """One of our checkpoints in the layout of the authors' released files (M, Z and
-    Alpha next to the layer's other tensors, behind nn.DataParallel's prefix)."""
+    """One of our checkpoints in the layout of the authors' released files."""
     config = ckpt["config"]
-    names = [name for name, _ in build_model(config["model"], NUM_CLASSES[config["dataset"]],
-                                             config["width"]).named_parameters()]
+    model = build_model(config["model"], NUM_CLASSES[config["dataset"]], config["width"])
+    model.load_state_dict(ckpt["model"])
     state = ckpt["optimizer"]["state"]
-    layout = {}
-    for key, value in ckpt["model"].items():
-        layer, _, leaf = key.rpartition(".")
-        index = names.index(key) if key in names else None
-        if index is not None and "M" in state.get(index, {}):
-            layout[f"module.{layer}.M"] = state[index]["M"]
-            layout[f"module.{layer}.Z"] = state[index]["Z"]
-        elif leaf == "alpha":
-            layout[f"module.{layer}.Alpha"] = value
-        else:
-            layout[f"module.{key}"] = value
-    return {"state_dict": layout, "epoch": ckpt["epoch"], "best_prec1": ckpt["best_prec1"]}
+    distributions = {name: (state[i]["M"], state[i]["Z"]) for i, (name, p) in
+                     enumerate(model.named_parameters()) if is_binary(p)}
+    return {"state_dict": released.to_released(model, distributions), "epoch": ckpt["epoch"],
+            "best_prec1": ckpt["best_prec1"]}
 
 
 def fails_cleanly(world, *args, message, argparse=False):
@@ -232,14 +223,14 @@ def test_released_layout_file_evaluates_with_the_right_network(world):
 
 
 @pytest.mark.parametrize("flag, value, problem", [
-    ("--model", "vgg16", r"missing: .*unexpected: "),
-    ("-K", "4", r"shape mismatch: .*\.Z \(2, .* in the file, \(4, "),
-    ("--dataset", "cifar100", r"shape mismatch: .*linear\.weight \(10, .* in the file, \(100, "),
+    ("--model", "vgg16", r"released\.pth: it does not match the network \(another architecture or "
+                         r"number of classes\?\) - missing: .*unexpected: "),
+    ("-K", "4", r"released\.pth holds K=2 \(the first dimension of its Z\), not the -K 4 asked for"),
+    ("--dataset", "cifar100", r"released\.pth: it does not match the network .* shape mismatch: "
+                              r".*linear\.weight \(10, .* in the file, \(100, "),
 ], ids=["architecture", "K", "number of classes"])
 def test_evaluate_released_layout_as_another_network(world, flag, value, problem):
-    fails_cleanly(world, *released_args(world, **{flag: value}),
-                  message=r"released\.pth does not match the network \(another architecture, K or "
-                          r"number of classes\?\) - " + problem)
+    fails_cleanly(world, *released_args(world, **{flag: value}), message=problem)
 
 
 # ---- settings and devices --------------------------------------------------------------------

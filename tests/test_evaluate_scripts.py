@@ -1,12 +1,16 @@
-"""The evaluate scripts on checkpoints in the authors' released layout and in this
+"""The evaluate scripts on checkpoints in the authors' released layouts and in this
 project's own format.
 
-A released-layout file is built from the key lists in ``tests/reference/`` (every key,
-shape and dtype of the authors' released files): random tensors of those shapes, the
-``module.`` prefix of nn.DataParallel and the outer keys. It is evaluated on a
-tiny test set, and the network it loads into is checked against a forward pass written
-here from the file's tensors alone (float64, F.conv2d, BatchNorm with running
-statistics): the mean network ``sign(M) * Alpha``.
+A released-layout file is built from a key list in ``tests/reference/`` (every key,
+shape and dtype of the authors' files, in each layout their code wrote: today's; the
+code of 2024 with an unused zero ``.sample`` per binary layer; VGG16 without Z):
+random tensors of those shapes at full size, the ``module.`` prefix of
+nn.DataParallel and the outer keys. It is evaluated on a tiny test set, and the
+network it loads into is checked against a forward pass written here from the
+file's tensors alone (float64, F.conv2d, BatchNorm with running statistics): the
+mean network ``sign(M) * Alpha``. The ResNet18 forward pass has no activation after
+the stem, as the authors' network (the golden data of ``test_fidelity.py`` from
+their code is what settles it).
 """
 import math
 import os
@@ -19,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from data.synthetic import write_cifar
+from models import build_model, released as released_layout
+from optim import VISPA
+from utils import checkpoint
 from tests.scripts_support import REPO, read_log, run_script, script_env, write_tiny_cifar100
 
 REFERENCE = os.path.join(REPO, "tests", "reference")
@@ -28,10 +35,20 @@ MEAN, STD, EPS = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1e-5  # from the 
 NUM_TEST, NUM_RIGHT = 20, 13  # test images; how many of them get the mean network's class as label
 
 
-def key_list(model):
-    """[(key, shape, dtype)] of the released checkpoint of ``model``."""
+# the layouts of the authors' files: today's code, the code of 2024 (.sample), VGG16 without Z
+LAYOUTS = {
+    ("resnet18", "head"): "resnet18_1w32a_cifar100_state_dict_keys.txt",
+    ("vgg16", "head"): "vgg16_1w32a_cifar100_state_dict_keys.txt",
+    ("resnet18", "sample"): "resnet18_1w32a_cifar100_state_dict_keys_code-of-2024-12-31.txt",
+    ("vgg16", "sample"): "vgg16_1w32a_cifar100_state_dict_keys_code-of-2024-06-05.txt",
+    ("vgg16", "without Z"): "vgg16_1w32a_cifar100_state_dict_keys_code-of-2024-12-31.txt",
+}
+
+
+def key_list(model, layout="head"):
+    """[(key, shape, dtype)] of the released checkpoint of ``model`` in ``layout``."""
     keys = []
-    with open(os.path.join(REFERENCE, f"{model}_1w32a_cifar100_state_dict_keys.txt")) as f:
+    with open(os.path.join(REFERENCE, LAYOUTS[model, layout])) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
                 key, shape, dtype = line.split()
@@ -40,7 +57,7 @@ def key_list(model):
     return keys
 
 
-def random_tensor(key, shape, dtype, generator):
+def random_tensor(key, shape, dtype, generator, random_Z=True):
     """A random value of the right kind for each key (BatchNorm variances positive,
     scales near one, counters integers)."""
     leaf = key.rsplit(".", 1)[1]
@@ -57,12 +74,19 @@ def random_tensor(key, shape, dtype, generator):
         return uniform(0.5, 1.5)
     if leaf == "weight":  # full-precision conv / linear
         return torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
+    if leaf == "sample":  # unused zeros in the authors' files
+        return torch.zeros(shape)
+    if leaf == "Z" and not random_Z:  # a zero view with stride 0: a few bytes on disk
+        return torch.zeros(1).expand(*shape)
     return torch.randn(shape, generator=generator)  # M, Z
 
 
-def released_checkpoint(model, seed=0):
+def released_checkpoint(model, layout="head", seed=0, random_Z=True):
+    """A file in the released ``layout``; with ``random_Z=False`` its factors Z are zero
+    views that cost no disk (and make every sample the mean network)."""
     generator = torch.Generator().manual_seed(seed)
-    state_dict = {key: random_tensor(key, shape, dtype, generator) for key, shape, dtype in key_list(model)}
+    state_dict = {key: random_tensor(key, shape, dtype, generator, random_Z=random_Z)
+                  for key, shape, dtype in key_list(model, layout)}
     # Alpha ~ sqrt(2 / fan_in): the activations stay of order one through the network,
     # where float32 and float64 agree closely
     for key in state_dict:
@@ -88,7 +112,7 @@ def binary_conv(x, t, name, stride=1, padding=1):
 
 
 def resnet18_reference(x, t):
-    out = F.relu(batch_norm(F.conv2d(x, t["conv1.weight"], padding=1), t, "bn1"))
+    out = batch_norm(F.conv2d(x, t["conv1.weight"], padding=1), t, "bn1")  # no activation
     for stage in range(1, 5):
         for block in range(2):
             p = f"layer{stage}.{block}"
@@ -121,7 +145,7 @@ def vgg16_reference(x, t):
 
 def reference_logits(model, state_dict, images):
     """float64 logits of the mean network for uint8 images (N, 3, 32, 32)."""
-    t = {k[len("module."):]: v.double() for k, v in state_dict.items() if not k.endswith(".Z")}
+    t = {k[len("module."):]: v.double() for k, v in state_dict.items() if not k.endswith((".Z", ".sample"))}
     mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
     x = (torch.from_numpy(images).double() / 255 - mean) / std
@@ -131,15 +155,12 @@ def reference_logits(model, state_dict, images):
 
 # ---- fixtures ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["resnet18", "vgg16"])
-def released(request, tmp_path_factory):
-    """A released-layout file at full size (one per architecture, removed afterwards), the
-    float64 reference logits of its mean network on NUM_TEST images, and a data root whose
-    test labels are the reference's class for the NUM_RIGHT images with the clearest
-    margin and its least likely class for the others."""
-    model = request.param
-    folder = tmp_path_factory.mktemp(f"released-{model}")
-    ckpt = released_checkpoint(model)
+def make_released(folder, model, layout, random_Z):
+    """A released-layout file in ``folder``, the float64 reference logits of its mean
+    network on NUM_TEST images, and a data root whose test labels are the reference's
+    class for the NUM_RIGHT images with the clearest margin and its least likely class
+    for the others."""
+    ckpt = released_checkpoint(model, layout, random_Z=random_Z)
     path = folder / RELEASED[model]
     torch.save(ckpt, path)
     images = np.random.default_rng(1).integers(0, 256, (NUM_TEST, 3, 32, 32), dtype=np.uint8)
@@ -151,10 +172,26 @@ def released(request, tmp_path_factory):
     data_root = folder / "data"
     write_cifar(str(data_root), "cifar100", images[:2], labels[:2].numpy(), images, labels.numpy())
     small = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(".Z")}
-    del ckpt
-    yield dict(model=model, path=path, folder=folder, images=images, logits=logits,
-               data_root=str(data_root), state_dict=small)
-    path.unlink()
+    return dict(model=model, layout=layout, path=path, folder=folder, images=images, logits=logits,
+                data_root=str(data_root), state_dict=small)
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS), ids=[" ".join(k) for k in LAYOUTS])
+def released(request, tmp_path_factory):
+    """A file in each released layout at full size; today's layout with random factors Z
+    (hundreds of megabytes, removed afterwards), the others with zero ones."""
+    model, layout = request.param
+    folder = tmp_path_factory.mktemp(f"released-{model}-{layout.replace(' ', '-')}")
+    made = make_released(folder, model, layout, random_Z=layout == "head")
+    yield made
+    made["path"].unlink()
+
+
+@pytest.fixture(scope="module", params=["resnet18", "vgg16"])
+def head(request, tmp_path_factory):
+    """Today's layout with zero factors: the file the tests below edit."""
+    return make_released(tmp_path_factory.mktemp(f"head-{request.param}"), request.param, "head",
+                         random_Z=False)
 
 
 def evaluate(model, *args, data_root, L=2):
@@ -177,45 +214,56 @@ def test_released_layout_evaluates_and_mean_network_matches_the_file(released):
     assert "(L=2)" in line and "loss" in line and "Prec@5" in line
     assert line.endswith(f"mean network Prec@1 {100 * NUM_RIGHT / NUM_TEST:.2f}")
     assert "released checkpoint, epoch 500" in result.stdout
+    K = 0 if released["layout"] == "without Z" else 8  # read from the file
+    assert f"({model}, cifar100, K={K};" in result.stdout
+    if released["layout"] == "sample":
+        assert "its 16 unused .sample tensors (zeros) were left out" in result.stdout
+    if released["layout"] == "without Z":
+        assert "K=0, a deterministic network" in result.stdout
+        # every sample is the mean network
+        assert f"Prec@1 {100 * NUM_RIGHT / NUM_TEST:.2f}  Prec@5" in line
 
 
 def test_released_layout_logits_equal_the_direct_computation(released):
-    """The network main.py builds from the file computes, in mean mode, the reference
-    forward pass of the file's tensors."""
-    import main
-    from utils import checkpoint
+    """The network built from the file computes, in mean mode, the reference forward
+    pass of the file's tensors; every M and Z of the file is the distribution's."""
     from data.cifar import normalize
 
-    device = torch.device("cpu")
-    args = main.build_parser().parse_args(["--model", released["model"], "-K", "8"])
-    net, opt = main.build(vars(args), device)
+    model = build_model(released["model"], num_classes=100)
     ckpt = checkpoint.load(str(released["path"]))
-    main.load_released(net, opt, ckpt["state_dict"], str(released["path"]))
+    K = released_layout.rank_of(ckpt["state_dict"])
+    opt = VISPA(model.parameters(), lr=0.1, K=K)
+    found = released_layout.from_released(ckpt["state_dict"], model)
+    model.load_state_dict(found.model_state)
+    params = dict(model.named_parameters())
+    for name, (M, Z) in found.distributions.items():
+        opt.set_distribution(params[name], M, Z)
     for key, value in ckpt["state_dict"].items():  # every tensor of the file is in use
         name = key[len("module."):]
         if name.endswith((".M", ".Z")):
-            layer_weight = dict(net.named_parameters())[name.rsplit(".", 1)[0] + ".weight"]
+            layer_weight = params[name.rsplit(".", 1)[0] + ".weight"]
             assert torch.equal(opt.state[layer_weight][name[-1]], value), key
+    assert found.dropped == ([k for k in ckpt["state_dict"] if k.endswith(".sample")])
+    assert len(found.dropped) == (16 if released["layout"] == "sample" else 0)
     del ckpt
-    net.eval()
+    model.eval()
     with torch.no_grad(), opt.mean_params():
-        logits = net(normalize(torch.from_numpy(released["images"]))).double()
+        logits = model(normalize(torch.from_numpy(released["images"]))).double()
     expected = released["logits"]
     assert logits.shape == expected.shape == (NUM_TEST, 100)
     assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def edited_file(released, name, edit):
-    """A copy of the released file with ``edit`` applied to its state_dict. Its factors Z
-    are zero views with stride 0: a few bytes on disk instead of hundreds of megabytes,
-    and the same keys and shapes for the loader, which is what these files are about."""
-    sd = {k: v for k, v in released["state_dict"].items()}
-    for key, _, _ in key_list(released["model"]):
+def edited_file(head, name, edit):
+    """A copy of a released file (today's layout, zero factors) with ``edit`` applied to
+    its state_dict."""
+    sd = {k: v for k, v in head["state_dict"].items()}
+    for key, _, _ in key_list(head["model"]):
         if key.endswith(".Z"):
             sd[key] = torch.zeros(1).expand(*(8,) + sd[key[:-1] + "M"].shape)
     edit(sd)
-    path = released["folder"] / name
-    torch.save({"epoch": 500, "model": released["model"], "config": {}, "state_dict": sd,
+    path = head["folder"] / name
+    torch.save({"epoch": 500, "model": head["model"], "config": {}, "state_dict": sd,
                 "best_prec1": 77.0, "fp_regime": {}}, path)
     return str(path)
 
@@ -229,29 +277,54 @@ def assert_clear_error(result, *fragments):
     assert "Test: " not in result.stdout
 
 
-def test_released_layout_with_a_renamed_key_is_refused(released):
-    first_m = next(k for k in released["state_dict"] if k.endswith(".M"))
+def test_released_layout_with_a_renamed_key_is_refused(head):
+    first_m = next(k for k in head["state_dict"] if k.endswith(".M"))
     renamed = first_m[:-1] + "mean"
-    path = edited_file(released, "renamed.pth.tar", lambda sd: sd.update({renamed: sd.pop(first_m)}))
-    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
+    path = edited_file(head, "renamed.pth.tar", lambda sd: sd.update({renamed: sd.pop(first_m)}))
+    assert_clear_error(evaluate(head["model"], path, data_root=head["data_root"]),
                        f"missing: {first_m}", f"unexpected: {renamed}")
 
 
-def test_released_layout_with_another_k_is_refused(released):
+def test_K_is_read_from_the_file_and_a_contradicting_K_is_refused(head):
     def rank_4(sd):
         for key in [k for k in sd if k.endswith(".Z")]:
             sd[key] = torch.zeros(1).expand(4, *sd[key].shape[1:])
-    path = edited_file(released, "k4.pth.tar", rank_4)
-    first_z = next(key for key, _, _ in key_list(released["model"]) if key.endswith(".Z"))
-    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
-                       "shape mismatch", f"{first_z} (4,", "another architecture, K or number of classes")
+    path = edited_file(head, "k4.pth.tar", rank_4)
+    result = evaluate(head["model"], path, data_root=head["data_root"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"({head['model']}, cifar100, K=4;" in result.stdout
+    contradicted = subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), "--evaluate", path, "--model", head["model"],
+         "--dataset", "cifar100", "-K", "8", "-L", "2", "--data_root", head["data_root"], "--gpus", "cpu"],
+        env=script_env(), capture_output=True, text=True, timeout=300)
+    assert_clear_error(contradicted, "holds K=4 (the first dimension of its Z), not the -K 8 asked for")
 
 
-def test_released_layout_with_another_number_of_classes_is_refused(released):
+def test_Z_tensors_of_different_ranks_are_refused(head):
+    def mixed(sd):
+        first = next(k for k in sd if k.endswith(".Z"))
+        sd[first] = torch.zeros(1).expand(4, *sd[first].shape[1:])
+    path = edited_file(head, "mixed.pth.tar", mixed)
+    assert_clear_error(evaluate(head["model"], path, data_root=head["data_root"]),
+                       "its Z tensors have different ranks: [4, 8]")
+
+
+def test_a_sample_tensor_that_is_not_zero_is_refused(head):
+    layers = [k[:-len(".M")] for k in head["state_dict"] if k.endswith(".M")]
+
+    def with_samples(sd):
+        sd.update({f"{layer}.sample": torch.zeros(1, 8) for layer in layers})
+        sd[f"{layers[3]}.sample"][0, 2] = 0.5
+    path = edited_file(head, "sample.pth.tar", with_samples)
+    assert_clear_error(evaluate(head["model"], path, data_root=head["data_root"]),
+                       f"{layers[3]}.sample is not zero: the authors' .sample tensors are unused zeros")
+
+
+def test_released_layout_with_another_number_of_classes_is_refused(head):
     """The classifier's weight with 10 rows (the rest of the file unchanged)."""
-    classifier = "module.linear.weight" if released["model"] == "resnet18" else "module.fc16.M"
-    path = edited_file(released, "c10.pth.tar", lambda sd: sd.update({classifier: sd[classifier][:10]}))
-    assert_clear_error(evaluate(released["model"], path, data_root=released["data_root"]),
+    classifier = "module.linear.weight" if head["model"] == "resnet18" else "module.fc16.M"
+    path = edited_file(head, "c10.pth.tar", lambda sd: sd.update({classifier: sd[classifier][:10]}))
+    assert_clear_error(evaluate(head["model"], path, data_root=head["data_root"]),
                        "shape mismatch", f"{classifier} (10, 512")
 
 

@@ -30,10 +30,10 @@ def top1(logits, labels):
 def test_L_sample_evaluation_averages_the_logits_of_L_full_passes(name):
     L = 5
     model, opt, batches = setup(name)
-    torch.manual_seed(123)
+    draws = opt.generator.get_state()
     result = evaluate(model, opt, batches, L, torch.device("cpu"), bf16=False)
 
-    torch.manual_seed(123)  # the same draws, one full forward pass each
+    opt.generator.set_state(draws)  # the same draws, one full forward pass each
     model.eval()
     losses, logits, labels = [], [], []
     with torch.no_grad():

@@ -55,17 +55,16 @@ def test_sample_is_sign_of_mean_plus_recorded_draw_in_the_layers_memory_format(m
     K, S = 4, 100.0
     model, opt = network(K=K, S=S, memory_format=memory_format)
     for _ in range(3):  # three fresh draws
-        with opt.sampled_params(train=True):
-            pass
-        compared = 0
-        for p in binary_weights(model):
-            state = opt.state[p]
-            r = state["r"].double()
-            latent = state["M"].double() + (r.view((K,) + (1,) * p.dim()) * state["Z"].double()).sum(0)
-            clear = latent.abs() > 1e-6  # float32 rounding cannot flip these
-            assert torch.equal(p.detach().double()[clear], latent.sign()[clear])
-            assert p.is_contiguous(memory_format=memory_format) or p.dim() != 4
-            compared += int(clear.sum())
+        with opt.sampled_params(train=True) as draws:
+            compared = 0
+            for p, r in zip(binary_weights(model), draws):
+                state = opt.state[p]
+                r = r.double()
+                latent = state["M"].double() + (r.view((K,) + (1,) * p.dim()) * state["Z"].double()).sum(0)
+                clear = latent.abs() > 1e-6  # float32 rounding cannot flip these
+                assert torch.equal(p.detach().double()[clear], latent.sign()[clear])
+                assert p.is_contiguous(memory_format=memory_format) or p.dim() != 4
+                compared += int(clear.sum())
         assert compared > 0.999 * sum(p.numel() for p in binary_weights(model))
 
 
@@ -94,12 +93,13 @@ def test_training_steps_equal_plain_sgd_on_M_Z_and_real_params(device, fused, me
         for group in opt.param_groups + reference.param_groups:
             group["lr"] = lr
         opt.zero_grad()
-        with opt.sampled_params(train=True):
+        with opt.sampled_params(train=True) as draws:
             F.cross_entropy(model(x), y).backward()
+            weight_grads = [p.grad.double() for p in binaries]
         if step == 0:
             model.linear.weight.grad = None
-        for p in binaries:
-            g, r = p.grad.double(), opt.state[p]["r"].double()
+        for p, g, r in zip(binaries, weight_grads, draws):
+            r = r.double()
             M, Z = plain[p]
             M.grad = g.float().contiguous()
             Z.grad = torch.stack([math.sqrt(S) * r[k] * g for k in range(K)]).float()
@@ -148,9 +148,9 @@ def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_p
     monkeypatch.setattr(main, "Accumulator", RecordingAccumulator)
     RecordingAccumulator.logits, RecordingAccumulator.losses = [], []
 
-    def plain(seed):
+    def plain(draws):
         """Every pass: one draw, then the whole network over sub-batches of ``small``."""
-        torch.manual_seed(seed)
+        opt.generator.set_state(draws)
         model.eval()
         logits, losses = [], []
         with torch.no_grad():
@@ -163,9 +163,9 @@ def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_p
                 losses.append(torch.stack([F.cross_entropy(p, y) for p in passes]).mean().item())
         return logits, losses
 
-    torch.manual_seed(7)
+    draws = opt.generator.get_state()
     result = main.evaluate(model, opt, loader, L, CPU, bf16=False)
-    expected_logits, expected_losses = plain(seed=7)
+    expected_logits, expected_losses = plain(draws)
     assert len(RecordingAccumulator.logits) == len(expected_logits) == 2
     for got, want in zip(RecordingAccumulator.logits, expected_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -173,7 +173,7 @@ def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_p
     everything = torch.cat(expected_logits)
     assert result["prec1"] == pytest.approx(100.0 * (everything.argmax(1) == labels).double().mean().item())
     # the comparison rests on the draws: other draws give other logits
-    other_logits, _ = plain(seed=8)
+    other_logits, _ = plain(torch.Generator().manual_seed(8).get_state())
     assert not torch.allclose(torch.cat(other_logits), everything, rtol=1e-4, atol=1e-4)
 
 
@@ -267,9 +267,10 @@ def test_bf16_evaluation_and_training_stay_close_to_float32(monkeypatch):
     labels = torch.randint(0, 10, (64,))
     monkeypatch.setattr(main, "Accumulator", RecordingAccumulator)
     logits = {}
+    draws = opt.generator.get_state()
     for bf16 in (False, True):
         RecordingAccumulator.logits = []
-        torch.manual_seed(3)
+        opt.generator.set_state(draws)
         main.evaluate(model, opt, DeviceLoader(images, labels, 64, False, CPU), 2, CPU, bf16)
         logits[bf16] = RecordingAccumulator.logits[0]
     error = (logits[True] - logits[False]).norm() / logits[False].norm()

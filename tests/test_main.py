@@ -53,7 +53,7 @@ def test_run_folder_holds_csv_and_both_checkpoints(finished_run):
     ckpt = torch.load(results / "tiny" / "checkpoint.pth.tar", weights_only=True)
     best = torch.load(results / "tiny" / "model_best.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 2 and best["epoch"] == ckpt["best_epoch"]
-    assert {"M", "Z", "M_momentum", "Z_momentum", "r"} <= set(ckpt["optimizer"]["state"][3])
+    assert {"M", "Z", "M_momentum", "Z_momentum"} <= set(ckpt["optimizer"]["state"][3])
     assert {"M", "Z"} <= set(best["optimizer"]["state"][3])
 
 

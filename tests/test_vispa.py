@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import BinaryConv2d, BinaryLinear
+from models import BinaryConv2d, BinaryLinear, is_binary
 from optim import VISPA
 
 
@@ -77,15 +77,15 @@ def test_Z_starts_xavier_normal_on_its_own_shape():
 
 def test_training_sample_is_sign_of_mean_plus_shared_draw_times_factor():
     model, opt = tiny(seed=2)
-    with opt.sampled_params(train=True):
-        pass
-    for p in binary_params(model):
-        state = opt.state[p]
-        M, Z, r = np64(state["M"]), np64(state["Z"]), np64(state["r"])
+    with opt.sampled_params(train=True) as draws:
+        inside = [np64(p) for p in binary_params(model)]
+    assert len(draws) == 2
+    for p, b, r in zip(binary_params(model), inside, draws):
+        M, Z, r = np64(opt.state[p]["M"]), np64(opt.state[p]["Z"]), np64(r)
         assert r.shape == (3,)
         mask = far_from_zero(M, Z, r)
         assert mask.mean() > 0.99
-        np.testing.assert_array_equal(np64(p)[mask], expected_sample(M, Z, r)[mask])
+        np.testing.assert_array_equal(b[mask], expected_sample(M, Z, r)[mask])
 
 
 def test_one_draw_per_tensor_not_per_entry():
@@ -94,31 +94,31 @@ def test_one_draw_per_tensor_not_per_entry():
     model, opt = tiny(seed=3, K=2, S=1.0)
     for p in binary_params(model):  # make the factor dominate the mean
         opt.state[p]["Z"].mul_(100)
-    with opt.sampled_params(train=True):
-        pass
-    for p in binary_params(model):
-        M, Z, r = (np64(opt.state[p][k]) for k in ("M", "Z", "r"))
-        np.testing.assert_array_equal(np64(p), expected_sample(M, Z, r))
+    with opt.sampled_params(train=True) as draws:
+        inside = [np64(p) for p in binary_params(model)]
+    for p, b, r in zip(binary_params(model), inside, draws):
+        M, Z, r = np64(opt.state[p]["M"]), np64(opt.state[p]["Z"]), np64(r)
+        np.testing.assert_array_equal(b, expected_sample(M, Z, r))
         independent = np.sign(M + np.einsum("k...,k...->...", np.random.default_rng(0).normal(size=Z.shape), Z))
-        assert (independent != np64(p)).mean() > 0.2
+        assert (independent != b).mean() > 0.2
 
 
 def test_every_forward_pass_gets_a_fresh_draw():
     model, opt = tiny(seed=4)
     draws = []
     for _ in range(3):
-        with opt.sampled_params(train=True):
-            draws.append(np64(opt.state[model.conv.weight]["r"]))
-    assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[1], draws[2])
-    assert not np.allclose(np64(opt.state[model.conv.weight]["r"]), np64(opt.state[model.fc.weight]["r"]))
+        with opt.sampled_params(train=True) as r:
+            draws.append([np64(t) for t in r])
+    assert not np.allclose(draws[0][0], draws[1][0]) and not np.allclose(draws[1][0], draws[2][0])
+    assert not np.allclose(draws[2][0], draws[2][1])
 
 
 def test_draws_have_variance_one_over_S():
     model, opt = tiny(seed=5, K=4, S=25.0)
     draws = []
     for _ in range(2000):
-        with opt.sampled_params(train=True):
-            draws.append(np64(opt.state[model.fc.weight]["r"]))
+        with opt.sampled_params(train=True) as r:
+            draws.append(np64(r[1]))
     draws = np.array(draws)
     assert draws.var() == pytest.approx(1 / 25.0, rel=0.05)
     assert abs(draws.mean()) < 4 * math.sqrt(1 / 25.0 / draws.size)
@@ -133,8 +133,12 @@ def test_straight_through_gradient_reaches_the_binary_weight():
     x, c = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     with opt.sampled_params(train=True):
         (layer(x) * c).sum().backward()
+        g = np64(layer.weight.grad)
     expected = (np64(c) * np64(layer.alpha)).T @ np64(x)
-    np.testing.assert_allclose(np64(layer.weight.grad), expected, rtol=1e-12)
+    np.testing.assert_allclose(g, expected, rtol=1e-12)
+    # leaving the context hands it to M (and, scaled by the draw, to Z)
+    np.testing.assert_array_equal(np64(opt.state[layer.weight]["M"].grad), g)
+    assert layer.weight.grad is None
 
 
 def reference_sgd(param, grad, buf, lr, momentum, wd):
@@ -144,29 +148,37 @@ def reference_sgd(param, grad, buf, lr, momentum, wd):
     return param - lr * buf, buf
 
 
+def run_sample(model, opt, x):
+    """One training sample: forward, backward; returns what the optimizer must turn into
+    M and Z gradients, read before it does: {binary weight: (r, dLoss/db)}, and the real
+    parameters' gradients of this sample alone."""
+    reals = [p for p in model.parameters() if not is_binary(p)]
+    before = [np64(p.grad) if p.grad is not None else 0.0 for p in reals]
+    with opt.sampled_params(train=True) as draws:
+        model(x).square().mean().backward()
+        seen = {p: (np64(r), np64(p.grad)) for p, r in zip(opt.binary_params(), draws)}
+    real = {p: np64(p.grad) - b for p, b in zip(reals, before)}
+    return seen, real
+
+
 @pytest.mark.parametrize("K", [3, 0])
 def test_several_steps_match_the_float64_derivation(K):
     """M gets g, Z_k gets sqrt(S) r_k g, the real parameter its own gradient; SGD with
     momentum and weight decay on all of them, over several steps with changing lr."""
     S, momentum, wd = 16.0, 0.9, 1e-2
     model, opt = tiny(seed=7, K=K, S=S, momentum=momentum, weight_decay=wd)
-    mine = {id(p): {k: np64(v) for k, v in opt.state[p].items() if k in ("M", "Z")}
-            for p in binary_params(model)}
+    mine = {p: {k: np64(opt.state[p][k]) for k in ("M", "Z")} for p in binary_params(model)}
     bias, bias_buf = np64(model.bias), None
-    bufs = {id(p): {"M": None, "Z": None} for p in binary_params(model)}
+    bufs = {p: {"M": None, "Z": None} for p in binary_params(model)}
     x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
     for step, lr in enumerate([0.0, 0.05, 0.1, 0.02]):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
-        with opt.sampled_params(train=True):
-            model(x).square().mean().backward()
-        grads = {id(p): np64(p.grad) for p in binary_params(model)}
-        draws = {id(p): np64(opt.state[p]["r"]) for p in binary_params(model)}
-        bias_grad = np64(model.bias.grad)
+        seen, real = run_sample(model, opt, x)
         opt.step()
         for p in binary_params(model):
-            g, r, s, b = grads[id(p)], draws[id(p)], mine[id(p)], bufs[id(p)]
+            (r, g), s, b = seen[p], mine[p], bufs[p]
             s["M"], b["M"] = reference_sgd(s["M"], g, b["M"], lr, momentum, wd)
             if K:
                 grad_Z = math.sqrt(S) * r.reshape((K,) + (1,) * g.ndim) * g
@@ -174,11 +186,56 @@ def test_several_steps_match_the_float64_derivation(K):
             np.testing.assert_allclose(np64(opt.state[p]["M"]), s["M"], rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(np64(opt.state[p]["Z"]), s["Z"], rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(np64(opt.state[p]["M_momentum"]), b["M"], rtol=1e-10, atol=1e-12)
-        bias, bias_buf = reference_sgd(bias, bias_grad, bias_buf, lr, momentum, wd)
+        bias, bias_buf = reference_sgd(bias, real[model.bias], bias_buf, lr, momentum, wd)
         np.testing.assert_allclose(np64(model.bias), bias, rtol=1e-10, atol=1e-12)
     if K == 0:
         assert opt.state[model.conv.weight]["Z"].numel() == 0
         assert "Z_momentum" not in opt.state[model.conv.weight]
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_N_samples_before_one_step_give_the_average_of_the_per_sample_gradients(N):
+    """Monte-Carlo samples or gradient accumulation: each sample's M and Z gradients are
+    formed with its own draw r_n, and the step applies the mean over the N samples of
+    g_n, sqrt(S) r_n g_n and the real parameters' gradients (not sqrt(S) r_N sum g_n)."""
+    S, momentum, wd, lr = 9.0, 0.9, 1e-2, 0.1
+    model, opt = tiny(seed=20, K=2, S=S, momentum=momentum, weight_decay=wd, lr=lr)
+    start = {p: {k: np64(opt.state[p][k]) for k in ("M", "Z")} for p in binary_params(model)}
+    bias0 = np64(model.bias)
+    torch.manual_seed(21)
+    samples = [run_sample(model, opt, torch.randn(3, 2, 4, 4, dtype=torch.float64)) for _ in range(N)]
+    opt.step()
+    for p in binary_params(model):
+        gM = sum(seen[p][1] for seen, _ in samples) / N
+        gZ = sum(math.sqrt(S) * seen[p][0].reshape((2,) + (1,) * seen[p][1].ndim) * seen[p][1]
+                 for seen, _ in samples) / N
+        M, _ = reference_sgd(start[p]["M"], gM, None, lr, momentum, wd)
+        Z, _ = reference_sgd(start[p]["Z"], gZ, None, lr, momentum, wd)
+        np.testing.assert_allclose(np64(opt.state[p]["M"]), M, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np64(opt.state[p]["Z"]), Z, rtol=1e-12, atol=1e-14)
+        if N > 1:  # the draws differ, so the last draw times the summed g is another update
+            wrong = start[p]["Z"] - lr * (math.sqrt(S) * samples[-1][0][p][0].reshape((2,) + (1,) * M.ndim)
+                                          * sum(seen[p][1] for seen, _ in samples) / N)
+            assert not np.allclose(np64(opt.state[p]["Z"]), wrong, rtol=1e-6)
+    gb = sum(real[model.bias] for _, real in samples) / N
+    np.testing.assert_allclose(np64(model.bias), reference_sgd(bias0, gb, None, lr, momentum, wd)[0],
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_an_evaluation_sample_between_backward_and_step_leaves_the_update_alone():
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    results = []
+    for evaluate_in_between in (False, True):
+        model, opt = tiny(seed=10)
+        with opt.sampled_params(train=True):
+            model(x).sum().backward()
+        if evaluate_in_between:
+            with torch.no_grad(), opt.sampled_params():
+                model(x)
+        opt.step()
+        results.append([np64(opt.state[p][k]) for p in binary_params(model) for k in ("M", "Z")])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_K0_samples_are_the_sign_of_the_mean():
@@ -198,16 +255,6 @@ def test_mean_params_writes_sign_of_M():
             np.testing.assert_array_equal(np64(p), np.sign(np64(opt.state[p]["M"])))
 
 
-def test_evaluation_draws_do_not_replace_the_training_draw():
-    model, opt = tiny(seed=10)
-    with opt.sampled_params(train=True):
-        model(torch.randn(2, 2, 4, 4, dtype=torch.float64)).sum().backward()
-    recorded = np64(opt.state[model.fc.weight]["r"])
-    with opt.sampled_params():
-        pass
-    np.testing.assert_array_equal(np64(opt.state[model.fc.weight]["r"]), recorded)
-
-
 def test_step_without_a_training_sample_is_an_error():
     model, opt = tiny(seed=11)
     with pytest.raises(RuntimeError, match="sampled_params"):
@@ -219,11 +266,9 @@ def test_sphere_projection_enforces_the_constraint_after_each_step():
     model, opt = tiny(seed=12, K=2, S=S, projection="sphere")
     plain_model, plain = tiny(seed=12, K=2, S=S)
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    torch.manual_seed(0)
-    with opt.sampled_params(train=True):
+    with opt.sampled_params(train=True) as draws:
         model(x).sum().backward()
-    torch.manual_seed(0)
-    with plain.sampled_params(train=True):
+    with plain.sampled_params(train=True, draws=draws):
         plain_model(x).sum().backward()
     opt.step()
     plain.step()
@@ -261,8 +306,7 @@ def test_state_dict_round_trip_restores_the_distribution_and_the_future():
     for p, q in zip(binary_params(model), binary_params(other_model)):
         assert torch.equal(q, torch.sign(other.state[q]["M"]))  # loading writes the mean network
 
-    for net, optimizer in ((model, opt), (other_model, other)):
-        torch.manual_seed(5)
+    for net, optimizer in ((model, opt), (other_model, other)):  # the same draws follow
         optimizer.zero_grad()
         with optimizer.sampled_params(train=True):
             net(x).sum().backward()
@@ -281,12 +325,92 @@ def test_state_dict_of_another_K_is_refused_with_the_shapes():
 
 
 def test_parameter_groups_may_differ_in_K_and_S():
+    """Each group samples with its own K and S and scales its Z gradient by its own sqrt(S)."""
     torch.manual_seed(15)
     model = Tiny().double()
     opt = VISPA([{"params": [model.conv.weight, model.conv.alpha], "K": 1, "S": 4.0},
                  {"params": [model.fc.weight, model.fc.alpha, model.bias]}], lr=0.1, K=5, S=100.0)
     assert opt.state[model.conv.weight]["Z"].shape[0] == 1
     assert opt.state[model.fc.weight]["Z"].shape[0] == 5
+    conv_draws, fc_draws = [], []
+    for _ in range(1500):
+        with opt.sampled_params() as draws:
+            conv_draws.append(np64(draws[0]))
+            fc_draws.append(np64(draws[1]))
+    assert np.var(conv_draws) == pytest.approx(1 / 4.0, rel=0.1)
+    assert np.var(fc_draws) == pytest.approx(1 / 100.0, rel=0.1)
+
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    with opt.sampled_params(train=True) as draws:
+        model(x).sum().backward()
+        g = [np64(p.grad) for p in binary_params(model)]
+    for p, gp, r, S in zip(binary_params(model), g, draws, (4.0, 100.0)):
+        expected = math.sqrt(S) * np64(r).reshape((-1,) + (1,) * gp.ndim) * gp
+        np.testing.assert_allclose(np64(opt.state[p]["Z"].grad), expected, rtol=1e-12)
+        np.testing.assert_array_equal(np64(opt.state[p]["M"].grad), gp)
+
+
+def test_draws_come_from_the_optimizers_own_seeded_generator():
+    """The same seed gives the same draws whatever else draws random numbers in between
+    (the data pipeline); another seed gives others."""
+    torch.manual_seed(0)
+    first, second, third = (VISPA(Tiny().double().parameters(), lr=0.1, K=3, seed=s) for s in (5, 5, 6))
+    for i in range(3):
+        with first.sampled_params() as d1:
+            pass
+        torch.randn(1000)  # other users of torch's global generator
+        with second.sampled_params() as d2:
+            pass
+        with third.sampled_params() as d3:
+            pass
+        for r1, r2, r3 in zip(d1, d2, d3):
+            assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+def test_outside_the_contexts_the_layers_hold_the_mean_network():
+    model, opt = tiny(seed=31)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+
+    def holds_mean():
+        return all(torch.equal(p.detach(), torch.sign(opt.state[p]["M"])) for p in binary_params(model))
+
+    assert holds_mean()
+    with opt.sampled_params(train=True):
+        assert not holds_mean()
+        model(x).sum().backward()
+    assert holds_mean()
+    opt.step()  # M changed: the layers follow
+    assert holds_mean()
+    with opt.sampled_params():
+        pass
+    assert holds_mean()
+    with pytest.raises(ZeroDivisionError):  # also when the enclosed code fails
+        with opt.sampled_params(train=True):
+            model(x).sum().backward()
+            1 / 0
+    assert holds_mean()
+    state = model.state_dict()
+    for name, p in model.named_parameters():
+        if is_binary(p):
+            assert torch.equal(state[name], torch.sign(opt.state[p]["M"]))
+
+
+def test_a_sample_whose_code_failed_gives_no_gradient():
+    model, opt = tiny(seed=32)
+    with pytest.raises(ZeroDivisionError):
+        with opt.sampled_params(train=True):
+            model(torch.randn(2, 2, 4, 4, dtype=torch.float64)).sum().backward()
+            1 / 0
+    assert all(p.grad is None and opt.state[p]["M"].grad is None for p in binary_params(model))
+    with pytest.raises(RuntimeError, match="needs the gradients of a training sample"):
+        opt.step()
+
+
+def test_a_second_optimizer_over_the_same_layers_is_refused():
+    """Its M would be the signs the first one wrote, not the layer's initial weight."""
+    model, opt = tiny(seed=33)
+    with pytest.raises(ValueError, match="already holds signs"):
+        VISPA(model.parameters(), lr=0.1)
 
 
 def test_network_without_binary_weights_is_refused():

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 FORMAT = "vispa-checkpoint"
+# 2: the ResNet18 stem without ReLU (the authors' network); VISPA's own generator of draws.
+# Files without a "version" are of format 1.
+VERSION = 2
 
 
 class CheckpointError(Exception):
@@ -207,56 +210,3 @@ def set_rng_states(states: dict, device: torch.device):
     random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
-
-
-def from_released(state_dict: dict, model_state: dict, z_shapes: dict, path: str):
-    """Map a state_dict in the authors' released layout onto this design.
-
-    The released files keep, per binary layer ``<layer>``, the tensors
-    ``<layer>.Alpha`` (our ``<layer>.alpha``), ``<layer>.M`` and ``<layer>.Z`` (our
-    optimizer's distribution of ``<layer>.weight``); every other key is the same,
-    and all keys may carry the ``module.`` prefix of nn.DataParallel.
-
-    ``model_state`` is the network's own state_dict and ``z_shapes`` maps the name
-    of every binary weight to the shape of its factor Z. Returns the network's new
-    state_dict (binary weights = sign(M)) and ``{weight name: (M, Z)}``. Loading is
-    strict: CheckpointError lists every key that is missing, unexpected or of
-    another shape.
-    """
-    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in state_dict.items())):
-        raise CheckpointError(f"{path}: its 'state_dict' is not a dict of named tensors")
-    prefix = "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
-    expected = {}  # released key -> (our key, shape)
-    for name, tensor in model_state.items():
-        layer, _, leaf = name.rpartition(".")
-        if name in z_shapes:
-            expected[f"{prefix}{layer}.M"] = (name, tuple(tensor.shape))
-            expected[f"{prefix}{layer}.Z"] = (name, tuple(z_shapes[name]))
-        elif leaf == "alpha":
-            expected[f"{prefix}{layer}.Alpha"] = (name, tuple(tensor.shape))
-        else:
-            expected[prefix + name] = (name, tuple(tensor.shape))
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} in the file, {expected[k][1]} in the network"
-             for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k][1]]
-    if missing or unexpected or wrong:
-        def listing(title, keys):
-            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-            return f"{title}: {shown}" if keys else None
-        parts = filter(None, [listing("missing", missing), listing("unexpected", unexpected),
-                              listing("shape mismatch", wrong)])
-        raise CheckpointError(f"{path} does not match the network (another architecture, K or "
-                              f"number of classes?) - " + "; ".join(parts))
-    new_state, distributions = dict(model_state), {}
-    for key, (name, _) in expected.items():
-        value = state_dict[key]
-        if name in z_shapes:
-            M, Z = distributions.get(name, (None, None))
-            distributions[name] = (value, Z) if key.endswith(".M") else (M, value)
-            if key.endswith(".M"):
-                new_state[name] = torch.sign(value)
-        else:
-            new_state[name] = value
-    return new_state, distributions
