@@ -8,9 +8,13 @@
 #   GPUS="cpu cpu" SEEDS="1 2" EPOCHS=2 WIDTH=8 L=2 bash benchmark_cifar100_vgg16_1W32A.sh
 #
 # Logs: $RESULTS_DIR/<run name>.txt (the last line is the best accuracy), checkpoints in
-# $RESULTS_DIR/<run name>/. Runs that have a checkpoint are resumed and finished ones are
-# skipped, so after an interruption the same command carries on.
+# $RESULTS_DIR/<run name>/. Runs are named after the recipe and their settings
+# (vgg16_1w32a_cifar100_seed=2020_benchmark_K=8_S=100_L=40_wd=5e-4_lr=0.1_cos_epochs=500;
+# a width, batch or warm-up other than the recipe's is added at the end). Runs that have a
+# checkpoint are resumed and finished ones are skipped, so after an interruption the same
+# command carries on.
 set -euo pipefail
+RECIPE=vgg16_1w32a_cifar100         # config.py holds it; the values below are its own
 
 # ---- the recipe; each setting can be overridden by an environment variable of the same name
 K=${K:-8}                          # rank of the covariance factor Z
@@ -28,15 +32,8 @@ GPUS=${GPUS:-"0 1 2 3 4"}          # slots: CUDA device indices or "cpu"; argume
 DATA_ROOT=${DATA_ROOT:-./datasets}
 RESULTS_DIR=${RESULTS_DIR:-./results}
 
-NAME="vgg16_1w32a_cifar100_seed={seed}_benchmark_K=${K}_S=${S}_L=${L}_wd=${WD}_lr=${LR}_${LR_DECAY}_epochs=${EPOCHS}"
-# settings that differ from the paper's are named too, so such runs are never taken for it
-[[ $WIDTH == 64 ]] || NAME+="_width=${WIDTH}"
-[[ $BATCH == 256 ]] || NAME+="_batch=${BATCH}"
-[[ $WARMUP_EPOCHS == 5 ]] || NAME+="_warmup=${WARMUP_EPOCHS}"
-
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-exec python3 "$HERE/run_seeds.py" \
-    --name "$NAME" --seeds "$SEEDS" --slots "${*:-$GPUS}" --results_dir "$RESULTS_DIR" -- \
-    --model vgg16 --dataset cifar100 --data_root "$DATA_ROOT" --width "$WIDTH" \
-    -K "$K" --scale "$S" -L "$L" --lr "$LR" --wd "$WD" --lr_decay "$LR_DECAY" \
-    --warmup_epochs "$WARMUP_EPOCHS" --epochs "$EPOCHS" -b "$BATCH"
+exec python3 "$HERE/run_seeds.py" --recipe "$RECIPE" \
+    --seeds "$SEEDS" --slots "${*:-$GPUS}" --results_dir "$RESULTS_DIR" -- \
+    --data_root "$DATA_ROOT" --width "$WIDTH" -K "$K" --scale "$S" -L "$L" --lr "$LR" \
+    --wd "$WD" --lr_decay "$LR_DECAY" --warmup_epochs "$WARMUP_EPOCHS" --epochs "$EPOCHS" -b "$BATCH"

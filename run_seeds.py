@@ -2,50 +2,50 @@
 
 The benchmark scripts end with
 
-    python3 run_seeds.py --name '<run name with {seed}>' --seeds '2020 2024 1314' \\
+    python3 run_seeds.py --recipe resnet18_1w32a_cifar100 --seeds '2020 2024 1314' \\
         --slots '0 1 2' --results_dir results -- <main.py arguments>
 
-A slot is a CUDA device index or ``cpu``. Each slot runs one seed at a time; seeds
+The runs are named by ``config.run_name`` from the recipe and the settings among
+the main.py arguments (``resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_...``). A
+slot is a CUDA device index or ``cpu``. Each slot runs one seed at a time; seeds
 beyond the number of slots wait and start as slots free up. A device named several
 times has several slots (``0 0 0 0 0``: five concurrent runs on GPU 0).
 
-Each run is ``main.py <main.py arguments> --seed <s> --save <name> --gpus <slot>``; its
-console output goes to ``results/<name>/console.log``. A run folder that already holds
-a checkpoint is resumed (``--resume``), or skipped if that checkpoint is at the last
-epoch: after an interruption the same command carries on where it stopped. When all
-runs have ended it prints one row per seed (best top-1, its epoch, the mean network's
-top-1 in that epoch) and the mean ± std over the seeds, and exits non-zero if any run
-failed, naming its log and showing the last lines of its output.
+Each run is ``main.py --recipe <recipe> <main.py arguments> --seed <s> --save <name>
+--gpus <slot>``; its console output goes to ``results/<name>/console.log``. A run
+folder that already holds a checkpoint is resumed (``--resume``), or skipped if that
+checkpoint is at the last epoch: after an interruption the same command carries on
+where it stopped. When all runs have ended it prints one row per seed (best top-1,
+its epoch, the mean network's top-1 in that epoch) and the mean ± std over the
+seeds, and exits non-zero if any run failed, naming its log and showing the last
+lines of its output.
 
 SIGINT / SIGTERM: no further run starts, the running ones are sent SIGTERM (they stop
 cleanly, keeping the checkpoint of their last complete epoch) and the script exits
-non-zero once they have.
+non-zero once they have. The runs are in process groups of their own, so a Ctrl-C
+in the terminal reaches them only through this script, once.
 """
 import argparse
-import csv
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from utils.summarize import paper_format, read_tail, run_status
+import config
+from utils.run_dir import STOPPED, RunDir, exit_stopped
+from utils.summarize import paper_format, read_tail
 
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 SHOWN_LINES = 15  # of a failed run's output
 
 
 class Run:
-    """One seed of the recipe: its names on disk and how it went."""
+    """One seed of the recipe: its files and how it went."""
 
     def __init__(self, seed, name, results_dir):
         self.seed = seed
-        self.name = name
-        self.results_dir = results_dir
-        self.folder = os.path.join(results_dir, name)
-        self.log = self.folder + ".txt"
-        self.checkpoint = os.path.join(self.folder, "checkpoint.pth.tar")
-        self.console = os.path.join(self.folder, "console.log")
+        self.files = RunDir(results_dir, name)
         self.resume = False
         self.process = None
         self.slot = None
@@ -69,29 +69,32 @@ def saved_progress(path):
 
 def plan(run):
     """Decide between a new run, resuming, and skipping; say which. True if it must run."""
-    if not os.path.isfile(run.checkpoint):
-        say(f"seed {run.seed}: new run, log {run.log}")
+    files = run.files
+    if not os.path.isfile(files.checkpoint):
+        say(f"seed {run.seed}: new run, log {files.log}")
         return True
-    progress = saved_progress(run.checkpoint)
+    progress = saved_progress(files.checkpoint)
     if progress is not None and progress[0] >= progress[1]:
         say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
-            f"{run.checkpoint}), skipped")
+            f"{files.checkpoint}), skipped")
         return False
     run.resume = True
     at = f"epoch {progress[0]}/{progress[1]}" if progress else "a checkpoint that could not be read here"
-    say(f"seed {run.seed}: resuming {run.folder} from its checkpoint ({at})")
+    say(f"seed {run.seed}: resuming {files.folder} from its checkpoint ({at})")
     return True
 
 
-def launch(run, slot, main_args, env):
-    command = [sys.executable, MAIN, *main_args, "--seed", str(run.seed), "--save", run.name,
-               "--results_dir", run.results_dir, "--gpus", slot]
-    if run.resume:
-        command += ["--resume", run.folder]
-    os.makedirs(run.folder, exist_ok=True)
-    with open(run.console, "ab") as console:
+def launch(run, slot, recipe, main_args, env):
+    """main.py for this seed: a new run from the recipe, or the run resumed (its settings
+    then come from its checkpoint, and those given must agree with them)."""
+    files = run.files
+    command = [sys.executable, MAIN, *main_args, "--seed", str(run.seed), "--save", files.name,
+               "--results_dir", files.results_dir, "--gpus", slot]
+    command += ["--resume", files.folder] if run.resume else ["--recipe", recipe]
+    os.makedirs(files.folder, exist_ok=True)
+    with open(files.console, "ab") as console:
         run.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=env)
+                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     run.slot = slot
     say(f"seed {run.seed}: started on {'the CPU' if slot == 'cpu' else 'GPU ' + slot}")
 
@@ -105,7 +108,7 @@ def slot_environment(slot, slots):
     return env
 
 
-def run_all(runs, slots, main_args):
+def run_all(runs, slots, recipe, main_args):
     """Start the runs as slots free up and wait for all; the signal that stopped them, if any."""
     queue, free, running = list(runs), list(slots), []
     stop = []
@@ -119,7 +122,7 @@ def run_all(runs, slots, main_args):
         while running or (queue and not stop):
             while queue and free and not stop:
                 run, slot = queue.pop(0), free.pop(0)
-                launch(run, slot, main_args, slot_environment(slot, slots))
+                launch(run, slot, recipe, main_args, slot_environment(slot, slots))
                 running.append(run)
             if stop and not forwarded:
                 say(f"{signal.Signals(stop[0]).name}: stopping the running runs (each keeps the "
@@ -132,6 +135,8 @@ def run_all(runs, slots, main_args):
                 running.remove(run)
                 free.append(run.slot)
                 run.returncode = run.process.returncode
+                if forwarded and run.returncode == -signal.SIGTERM:
+                    run.returncode = exit_stopped(signal.SIGTERM)  # stopped before it could say so
                 if run.returncode == 0:
                     say(f"seed {run.seed}: finished")
                 else:
@@ -142,36 +147,21 @@ def run_all(runs, slots, main_args):
     return stop[0] if stop else None
 
 
-def mean_network_prec1(run, epoch):
-    """The mean network's top-1 in ``epoch``, from the run's metrics.csv (None if absent)."""
-    try:
-        with open(os.path.join(run.folder, "metrics.csv"), newline="") as f:
-            for row in csv.DictReader(f):
-                if int(row["epoch"]) == epoch:
-                    return float(row["mean_prec1"])
-    except (OSError, KeyError, ValueError):
-        pass
-    return None
-
-
-STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # main.py's status after a clean stop
-
-
 def table(runs, template):
     """One row per seed and the mean ± std over the seeds that finished."""
     lines = ["", "  seed   best top-1   epoch of best   mean-network top-1 (that epoch)"]
     best, mean_net = [], []
     for run in runs:
-        status = run_status(run.log) if os.path.isfile(run.log) else None
+        status = run.files.status()
         if run.returncode in STOPPED:
             at = f" after epoch {status.epoch}/{status.epochs}" if status else ""
             lines.append(f"  {run.seed:<6} stopped{at}, resumes when the command is run again")
             continue
         if run.returncode not in (None, 0) or status is None:
-            why = f"exit status {run.returncode}" if run.returncode else f"no log {run.log}"
+            why = f"exit status {run.returncode}" if run.returncode else f"no metrics {run.files.metrics}"
             lines.append(f"  {run.seed:<6} FAILED ({why})")
             continue
-        net = mean_network_prec1(run, status.best_epoch)
+        net = status.mean_prec1
         best.append(status.best_prec1)
         if net is not None:
             mean_net.append(net)
@@ -187,10 +177,10 @@ def table(runs, template):
 
 
 def failure_report(run):
-    lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), log {run.log}; "
-             f"the last lines of its output ({run.console}):"]
+    lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), log {run.files.log}; "
+             f"the last lines of its output ({run.files.console}):"]
     try:
-        lines += ["    " + line for line in read_tail(run.console)[-SHOWN_LINES:]]
+        lines += ["    " + line for line in read_tail(run.files.console)[-SHOWN_LINES:]]
     except OSError as error:
         lines.append(f"    (cannot read it: {error.strerror})")
     return "\n".join(lines)
@@ -198,14 +188,13 @@ def failure_report(run):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="run name, with {seed} where the seed goes")
+    parser.add_argument("--recipe", required=True, choices=sorted(config.RECIPES),
+                        help="the configuration the main.py arguments start from; it names the runs")
     parser.add_argument("--seeds", required=True, help="space-separated integers")
     parser.add_argument("--slots", required=True, help="space-separated CUDA device indices or 'cpu'")
     parser.add_argument("--results_dir", default="./results")
     parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the arguments for main.py")
     args = parser.parse_args(argv)
-    if "{seed}" not in args.name:
-        parser.error(f"--name must contain {{seed}}: {args.name}")
     try:
         args.seeds = [int(s) for s in args.seeds.split()]
     except ValueError:
@@ -217,22 +206,26 @@ def parse_args(argv):
     if not args.slots or bad:
         parser.error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(args.slots) or 'none'}")
     args.main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+    settings = argparse.ArgumentParser(add_help=False)
+    config.add_arguments(settings, config.RECIPES[args.recipe])
+    args.config = config.from_args(settings.parse_known_args(args.main_args)[0])
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = [Run(seed, args.name.replace("{seed}", str(seed)), args.results_dir) for seed in args.seeds]
+    runs = [Run(seed, config.run_name(args.recipe, args.config, seed), args.results_dir)
+            for seed in args.seeds]
     say(f"{len(runs)} seeds on the slots {' '.join(args.slots)}; logs in {args.results_dir}/")
     to_run = [run for run in runs if plan(run)]
-    signum = run_all(to_run, args.slots, args.main_args)
-    print(table(runs, args.name))
+    signum = run_all(to_run, args.slots, args.recipe, args.main_args)
+    print(table(runs, config.run_name(args.recipe, args.config)))
     for run in runs:  # runs stopped by our own signal are not failures
         if run.returncode not in (None, 0) and not (signum and run.returncode in STOPPED):
             print(failure_report(run))
     if signum is not None:
         print(f"Stopped by {signal.Signals(signum).name}: run the same command again to resume.")
-        return 128 + signum
+        return exit_stopped(signum)
     return 1 if any(run.returncode not in (None, 0) for run in runs) else 0
 
 

@@ -1,4 +1,11 @@
-"""Binary CIFAR networks by name."""
+"""Binary networks by name.
+
+Every network is a plain ``nn.Module`` whose binary layers mark their sign weights
+(``is_binary``) for the optimizer, and which splits its forward pass as
+``forward(x) = body(stem(x))``: ``stem`` is what comes before the first binary
+weight. It does not depend on the sampled binary weights, so the L-sample
+evaluation computes it once per batch.
+"""
 from .binary import BinaryConv2d, BinaryLinear, is_binary, mark_binary
 from .resnet import resnet18
 from .vgg import vgg16

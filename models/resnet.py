@@ -59,7 +59,7 @@ class ResNet18(nn.Module):
 
     def body(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        out = F.avg_pool2d(out, 4).flatten(1)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # 4x4 -> 1x1 on CIFAR
         return self.linear(self.bn2(out))
 
     def forward(self, x):

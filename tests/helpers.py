@@ -1,6 +1,6 @@
-"""Helpers for the tests that drive main.py in subprocesses: tiny generated
-datasets, the command lines of tiny runs, watching a running process, and
-comparing what runs leave behind (logs, metrics.csv, checkpoints)."""
+"""What the end-to-end tests share: running main.py and the shell scripts as a user
+does, watching a running process, and comparing what runs leave behind (logs,
+metrics.csv, checkpoints, whole folders)."""
 import csv
 import hashlib
 import os
@@ -13,31 +13,21 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from data.synthetic import write_structured_cifar  # noqa: E402
 from utils import checkpoint  # noqa: E402
+from utils.run_dir import BEST, CHECKPOINT, RunDir  # noqa: E402,F401
 
-CHECKPOINT = "checkpoint.pth.tar"
-BEST = "model_best.pth.tar"
-
-# A run small enough for a CPU test: 5 training steps per epoch, a fraction of a
-# second per epoch after the ~2 s it takes to import torch.
+# A run small enough for a CPU test: 5 training steps per epoch on the tiny CIFAR-10
+# of conftest.py, a fraction of a second per epoch after the ~2 s it takes to import torch.
 TINY = ["--gpus", "cpu", "--model", "resnet18", "--width", "4", "-b", "64", "-L", "2", "-K", "2",
         "--warmup_epochs", "1", "--seed", "1", "--dataset", "cifar10"]
 
-
-def make_dataset(root):
-    """A small structured CIFAR-10 (300 + 100 images) in the real on-disk format;
-    returns ``root``."""
-    write_structured_cifar(str(root), "cifar10", num_train=300, num_test=100, seed=0)
-    return str(root)
+# One thread per process: on a small machine shared with other work, a second thread
+# waiting for a busy core makes every step many times slower.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
 
 
-# One thread per process: on a small machine shared with other work, a second
-# thread waiting for a busy core makes every step many times slower.
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
+# ---- running main.py and the scripts ----------------------------------------------------------
 
 def main_command(*args):
     return [sys.executable, os.path.join(REPO, "main.py"), *map(str, args)]
@@ -57,12 +47,56 @@ def start_main(*args, output):
                                 env=ENV)
 
 
+def script_env(**overrides):
+    env = dict(ENV)
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+def run_script(name, *args, timeout=300, **env):
+    """Run ``bash <repo>/<name> args...`` with the environment overrides ``env``."""
+    return subprocess.run(["bash", os.path.join(REPO, name), *map(str, args)], env=script_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clear_error(result, *fragments, status=1):
+    """One ``error:`` line on stderr holding every fragment, and the exit ``status``."""
+    assert result.returncode == status, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- watching a running process ------------------------------------------------------------
+
 def read_text(path):
     try:
         with open(path) as f:
             return f.read()
     except FileNotFoundError:
         return ""
+
+
+def wait_for(predicate, timeout=120, interval=0.05):
+    """Poll until ``predicate()`` is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def send_when_logged(process, output, pattern, signum, deadline=120.0):
+    """Send ``signum`` to ``process`` as soon as its output matches ``pattern``; wait for its end."""
+    began = time.monotonic()
+    while process.poll() is None and time.monotonic() - began < deadline:
+        if re.search(pattern, read_text(output), re.M):
+            process.send_signal(signum)
+            break
+        time.sleep(0.002)
+    process.wait(timeout=deadline)
 
 
 class CheckpointWatcher:
@@ -125,16 +159,7 @@ def watch(process, run_dir, output, watcher, kill_when=None, fast=False, deadlin
     return False
 
 
-def send_when_logged(process, output, pattern, signum, deadline=120.0):
-    """Send ``signum`` to ``process`` as soon as its output matches ``pattern``; wait for its end."""
-    began = time.monotonic()
-    while process.poll() is None and time.monotonic() - began < deadline:
-        if re.search(pattern, read_text(output), re.M):
-            process.send_signal(signum)
-            break
-        time.sleep(0.002)
-    process.wait(timeout=deadline)
-
+# ---- what runs leave behind ------------------------------------------------------------------
 
 EPOCH_LINE = re.compile(r"^(Epoch \d+/\d+ .*)\|\s*[0-9.]+ s$", re.M)
 
@@ -147,6 +172,13 @@ def epoch_lines(log_text):
 def metrics_without_seconds(path):
     with open(path, newline="") as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def run_results(results_dir, name):
+    """{epoch: (val top-1, mean-net top-1)} from a run's metrics.csv, and its status."""
+    run = RunDir(str(results_dir), name)
+    rows = run.read_metrics()
+    return {row["epoch"]: (row["val_prec1"], row["mean_prec1"]) for row in rows}, run.status()
 
 
 def load_checkpoint(path):

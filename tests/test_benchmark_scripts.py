@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.scripts_support import REPO, read_log, run_script, script_env, wait_for, write_tiny_cifar100
+import config
+from helpers import REPO, run_results, run_script, script_env, wait_for
 
 SCRIPTS = {"resnet18": "benchmark_cifar100_resnet18_1W32A.sh", "vgg16": "benchmark_cifar100_vgg16_1W32A.sh"}
 TINY = dict(EPOCHS=2, WIDTH=4, L=2, K=2, BATCH=64, WARMUP_EPOCHS=1)
@@ -18,8 +19,17 @@ TABLE_ROW = re.compile(r"^  (\d+) +(\d+\.\d\d) +(\d+)/(\d+) +(\d+\.\d\d)$", re.M
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_tiny_cifar100(str(tmp_path_factory.mktemp("data")))
+def data_root(cifar100_root):
+    return cifar100_root
+
+
+def read_log(results, name):
+    """{epoch: (val top-1, mean-net top-1)} and (best top-1, its epoch, epochs) of a run,
+    from its metrics.csv, and the last line of its log, which must say the same."""
+    epochs, status = run_results(results, name)
+    last = open(os.path.join(results, name + ".txt")).read().splitlines()[-1]
+    assert last == f"Best Prec@1: {status.best_prec1:.2f} (epoch {status.best_epoch}/{status.epochs})"
+    return epochs, (status.best_prec1, status.best_epoch, status.epochs)
 
 
 def tiny_name(model, seed, epochs=2):
@@ -57,7 +67,7 @@ def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root, model
     assert sorted(rows) == [11, 12], result.stdout
     bests = []
     for seed, name in zip((11, 12), names):
-        epochs, best = read_log(results / f"{name}.txt")
+        epochs, best = read_log(results, name)
         assert best is not None and best[2] == 2 and sorted(epochs) == [1, 2]
         best_prec1, best_epoch, _ = best
         # the best line is the best val top-1 of the epoch lines, first epoch on ties
@@ -107,7 +117,7 @@ def test_seeds_queue_on_one_slot(tmp_path, data_root):
     assert events == [("5", "started"), ("5", "finished"), ("6", "started"), ("6", "finished"),
                       ("7", "started"), ("7", "finished")]
     for seed in (5, 6, 7):
-        assert read_log(results / f"{tiny_name('vgg16', seed, epochs=1)}.txt")[1][2] == 1
+        assert read_log(results, tiny_name('vgg16', seed, epochs=1))[1][2] == 1
 
 
 def test_one_failed_run_is_named(tmp_path, data_root):
@@ -119,7 +129,7 @@ def test_one_failed_run_is_named(tmp_path, data_root):
     assert f"FAILED: seed 9 (exit status 1), log {results}/{failed}.txt;" in result.stdout
     assert "--gpus 99: no such CUDA device" in result.stdout
     assert "FAILED: seed 8" not in result.stdout
-    assert read_log(results / f"{tiny_name('resnet18', 8, epochs=1)}.txt")[1] is not None
+    assert read_log(results, tiny_name('resnet18', 8, epochs=1))[1][2] == 1
     assert "over 1 of 2 seeds" in result.stdout
 
 
@@ -138,7 +148,7 @@ def test_stopped_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, data_roo
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output
     assert "run the same command again to resume" in output
-    stopped_at = max(read_log(log)[0])
+    stopped_at = max(read_log(stopped, name)[0])
     assert stopped_at < 3 and "Stopped by SIGTERM" in log.read_text()
 
     resumed = run_script(SCRIPTS["resnet18"], RESULTS_DIR=stopped, **settings)
@@ -148,7 +158,7 @@ def test_stopped_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, data_roo
 
     straight = run_script(SCRIPTS["resnet18"], RESULTS_DIR=tmp_path / "straight", **settings)
     assert straight.returncode == 0
-    assert read_log(log) == read_log(tmp_path / "straight" / f"{name}.txt")
+    assert read_log(stopped, name) == read_log(tmp_path / "straight", name)
     assert TABLE_ROW.findall(resumed.stdout) == TABLE_ROW.findall(straight.stdout)
 
 
@@ -157,3 +167,19 @@ def test_bad_slot_is_refused(tmp_path, data_root):
     assert result.returncode == 2
     assert "GPU slots are CUDA device indices or 'cpu', got cuda:0" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
+def test_the_settings_a_script_shows_are_its_recipe(model):
+    """Each script shows every setting at its top; config.py holds the recipe once, and
+    the two must say the same."""
+    text = open(os.path.join(REPO, SCRIPTS[model])).read()
+    shown = dict(re.findall(r"^([A-Z_]+)=\$\{\1:-\"?([^}\"]*)\"?\}", text, re.M))
+    recipe = config.RECIPES[re.search(r"^RECIPE=(\S+)", text, re.M).group(1)]
+    assert recipe.model == model and recipe.dataset == "cifar100"
+    as_shown = {"K": recipe.K, "S": recipe.scale, "L": recipe.L, "LR": recipe.lr, "WD": recipe.wd,
+                "LR_DECAY": recipe.lr_decay, "WARMUP_EPOCHS": recipe.warmup_epochs,
+                "EPOCHS": recipe.epochs, "BATCH": recipe.batch_size, "WIDTH": recipe.width}
+    for variable, value in as_shown.items():
+        assert shown[variable] == config.number(value), variable
+    assert shown["SEEDS"] == "2020 2024 1314 512 2333"

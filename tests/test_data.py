@@ -1,4 +1,5 @@
-"""Reading CIFAR from its on-disk pickles, and the batches the device loader makes."""
+"""Reading CIFAR from its on-disk pickles, the dataset registry, and the batches the
+device loader makes."""
 import math
 import os
 import pickle
@@ -7,8 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from data import MEAN, STD, DatasetError, DeviceLoader, normalize, random_crop_flip, read_cifar
+from data import DATASETS, DatasetError, DeviceLoader, normalize, random_crop_flip
 from data.synthetic import write_cifar
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the authors' CIFAR normalisation
+
+
+def read_cifar(root, name):
+    spec = DATASETS[name]
+    return (*spec.read(root, "train"), *spec.read(root, "test"))
+
+
+def test_registry_knows_each_datasets_classes_size_and_normalisation():
+    for name, classes in (("cifar10", 10), ("cifar100", 100)):
+        spec = DATASETS[name]
+        assert (spec.num_classes, spec.image_size, spec.mean, spec.std, spec.padding) == (classes, 32, MEAN, STD, 4)
 
 
 def random_arrays(n_train, n_test, classes, seed=0):
@@ -71,7 +85,7 @@ def coordinate_images(n):
 def test_crop_offsets_cover_minus4_to_4_with_zero_padding_and_flips():
     torch.manual_seed(0)
     n = 4000
-    out = random_crop_flip(coordinate_images(n)).long()
+    out = random_crop_flip(coordinate_images(n), padding=4).long()
     assert out.shape == (n, 3, 32, 32)
     inside = out[:, 2] == 255
     padding = ~inside
@@ -96,7 +110,7 @@ def test_normalisation_is_to_unit_range_then_mean_and_std():
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     expected = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)) \
         / torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
-    out = normalize(images)
+    out = normalize(images, MEAN, STD)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
 
@@ -105,7 +119,7 @@ def test_training_epoch_visits_every_image_once_in_a_new_order():
     torch.manual_seed(0)
     images = torch.zeros(103, 3, 32, 32, dtype=torch.uint8)
     labels = torch.arange(103)
-    loader = DeviceLoader(images, labels, 10, True, "cpu")
+    loader = DeviceLoader(images, labels, 10, True, "cpu", MEAN, STD)
     first = torch.cat([y for _, y in loader])
     second = torch.cat([y for _, y in loader])
     assert len(loader) == 11 and sorted(first.tolist()) == list(range(103))
@@ -114,15 +128,15 @@ def test_training_epoch_visits_every_image_once_in_a_new_order():
 
 def test_a_last_training_batch_of_one_image_is_dropped():
     images = torch.zeros(21, 3, 32, 32, dtype=torch.uint8)
-    loader = DeviceLoader(images, torch.arange(21), 10, True, "cpu")
+    loader = DeviceLoader(images, torch.arange(21), 10, True, "cpu", MEAN, STD)
     assert [len(y) for _, y in loader] == [10, 10]
-    evaluation = DeviceLoader(images, torch.arange(21), 10, False, "cpu")
+    evaluation = DeviceLoader(images, torch.arange(21), 10, False, "cpu", MEAN, STD)
     assert [len(y) for _, y in evaluation] == [10, 10, 1]
 
 
 def test_evaluation_batches_are_the_stored_images_normalised():
     images = torch.randint(0, 256, (25, 3, 32, 32), dtype=torch.uint8)
-    loader = DeviceLoader(images, torch.arange(25), 10, False, "cpu")
+    loader = DATASETS["cifar10"].loader(images, torch.arange(25), 10, False, "cpu")
     batches = list(loader)
-    torch.testing.assert_close(torch.cat([x for x, _ in batches]), normalize(images), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([x for x, _ in batches]), normalize(images, MEAN, STD), rtol=0, atol=0)
     assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(25))

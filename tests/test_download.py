@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from data.cifar import read_cifar
+from data import DATASETS
 from data.synthetic import write_cifar
-from tests.scripts_support import REPO, np_uint8_images, run_script, script_env, wait_for
+from helpers import REPO, run_script, script_env, wait_for
 
 SERVER = os.path.join(REPO, "tests", "archive_server.py")
 DOWNLOADERS = [tool for tool in ("curl", "wget") if shutil.which(tool)] + ["python"]
+
+
+def np_uint8_images(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,8 @@ def one_error_line(result):
 
 
 def assert_same_arrays(data_root, name, arrays):
-    train_x, train_y, test_x, test_y = read_cifar(str(data_root), name)
+    (train_x, train_y), (test_x, test_y) = (DATASETS[name].read(str(data_root), split)
+                                            for split in ("train", "test"))
     assert torch.equal(train_x, torch.from_numpy(arrays[0]))
     assert train_y.tolist() == list(arrays[1])
     assert torch.equal(test_x, torch.from_numpy(arrays[2]))

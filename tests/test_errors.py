@@ -12,17 +12,18 @@ import signal
 import pytest
 import torch
 
-from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, make_dataset,
-                     read_text, run_main, send_when_logged, start_main, temporary_files)
+from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, read_text, run_main,
+                     send_when_logged, start_main, temporary_files)
 from models import build_model, is_binary, released
-from data import NUM_CLASSES
+from optim import VISPA
+from data import DATASETS
 
 
 class World:
     """A dataset, a finished run ``base`` and a folder of damaged or foreign files."""
 
-    def __init__(self, root):
-        self.data = make_dataset(root / "data")
+    def __init__(self, root, data):
+        self.data = data
         self.results = str(root / "results")
         self.files = str(root / "files")
         self.base = os.path.join(self.results, "base")
@@ -33,8 +34,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = World(tmp_path_factory.mktemp("world"))
+def world(tmp_path_factory, cifar10_root):
+    w = World(tmp_path_factory.mktemp("world"), cifar10_root)
     r = run_main(*TINY, "--epochs", 1, "--data_root", w.data, "--results_dir", w.results, "--save", "base")
     assert r.returncode == 0, r.stdout + r.stderr
     os.makedirs(w.files)
@@ -70,7 +71,7 @@ class CreatesAFile:
 def released_layout(ckpt):
     """One of our checkpoints in the layout of the authors' released files."""
     config = ckpt["config"]
-    model = build_model(config["model"], NUM_CLASSES[config["dataset"]], config["width"])
+    model = build_model(config["model"], DATASETS[config["dataset"]].num_classes, config["width"])
     model.load_state_dict(ckpt["model"])
     state = ckpt["optimizer"]["state"]
     distributions = {name: (state[i]["M"], state[i]["Z"]) for i, (name, p) in
@@ -296,3 +297,48 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(world, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resumed from" in r.stdout and "at epoch 1/3" in r.stdout
     assert load_checkpoint(os.path.join(run_dir, CHECKPOINT))["epoch"] == 3
+
+
+# ---- checkpoints of format 1 ------------------------------------------------------------------
+
+def format_1(ckpt):
+    """A checkpoint as the version before format 2 wrote it: no "version", the run name
+    in the settings, formatted numbers in the history, the last draw "r" of every binary
+    weight in the optimizer state and no generator."""
+    state = {i: dict(entry, r=torch.zeros(ckpt["config"]["K"])) if "M" in entry else entry
+             for i, entry in ckpt["optimizer"]["state"].items()}
+    optimizer = {"state": state, "param_groups": ckpt["optimizer"]["param_groups"]}
+    old = {k: v for k, v in ckpt.items() if k not in ("version", "run")}
+    return dict(old, config=dict(ckpt["config"], save="old"), optimizer=optimizer,
+                history=[{k: f"{v}" for k, v in row.items()} for row in ckpt["history"]])
+
+
+@pytest.mark.parametrize("option, purpose", [("--evaluate", "evaluated"), ("--resume", "resumed")])
+def test_a_resnet18_of_format_1_is_refused_because_its_stem_had_a_relu(world, option, purpose):
+    path = os.path.join(world.files, "resnet18-format-1.pth")
+    torch.save(format_1(load_checkpoint(world.checkpoint)), path)
+    fails_cleanly(world, option, path, "--data_root", world.data, "--gpus", "cpu",
+                  message=rf"resnet18-format-1\.pth holds a ResNet18 of checkpoint format 1, trained with a "
+                          rf"ReLU after the stem that the authors' network does not have: it cannot be "
+                          rf"{purpose} by this version")
+
+
+def test_a_vgg16_of_format_1_evaluates_but_does_not_resume(world, tmp_path):
+    """VGG16 computes the same function as before; its draws came from another generator."""
+    from config import Config
+    torch.manual_seed(0)
+    cfg = Config(model="vgg16", dataset="cifar10", width=4, K=2, L=2, epochs=3, seed=1)
+    model = build_model("vgg16", 10, 4)
+    opt = VISPA(model.parameters(), lr=0.1, K=2)
+    ours = {"format": "vispa-checkpoint", "version": 2, "config": cfg.to_dict(), "run": "old", "epoch": 1,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "best_prec1": 10.0, "best_epoch": 1,
+            "history": [{"epoch": 1, "val_prec1": 10.0}], "rng": {}, "log_offset": 0}
+    old = format_1(ours)
+    path = os.path.join(world.files, "vgg16-format-1.pth")
+    torch.save(old, path)
+    r = run_main("--evaluate", path, "--data_root", world.data, "--gpus", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "(vgg16, cifar10, K=2; epoch 1 of run old)" in r.stdout and "Test: loss" in r.stdout
+    fails_cleanly(world, "--resume", path, "--data_root", world.data, "--gpus", "cpu",
+                  message=r"vgg16-format-1\.pth was written in checkpoint format 1, whose random draws "
+                          r"this version cannot continue exactly: it can be evaluated, not resumed")

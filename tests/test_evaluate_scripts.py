@@ -14,19 +14,18 @@ their code is what settles it).
 """
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from data import normalize
 from data.synthetic import write_cifar
 from models import build_model, released as released_layout
 from optim import VISPA
 from utils import checkpoint
-from tests.scripts_support import REPO, read_log, run_script, script_env, write_tiny_cifar100
+from helpers import REPO, assert_clear_error, run_main, run_results, run_script
 
 REFERENCE = os.path.join(REPO, "tests", "reference")
 SCRIPTS = {"resnet18": "evaluate_cifar100_resnet18_1W32A.sh", "vgg16": "evaluate_cifar100_vgg16_1W32A.sh"}
@@ -227,8 +226,6 @@ def test_released_layout_evaluates_and_mean_network_matches_the_file(released):
 def test_released_layout_logits_equal_the_direct_computation(released):
     """The network built from the file computes, in mean mode, the reference forward
     pass of the file's tensors; every M and Z of the file is the distribution's."""
-    from data.cifar import normalize
-
     model = build_model(released["model"], num_classes=100)
     ckpt = checkpoint.load(str(released["path"]))
     K = released_layout.rank_of(ckpt["state_dict"])
@@ -248,7 +245,7 @@ def test_released_layout_logits_equal_the_direct_computation(released):
     del ckpt
     model.eval()
     with torch.no_grad(), opt.mean_params():
-        logits = model(normalize(torch.from_numpy(released["images"]))).double()
+        logits = model(normalize(torch.from_numpy(released["images"]), MEAN, STD)).double()
     expected = released["logits"]
     assert logits.shape == expected.shape == (NUM_TEST, 100)
     assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -268,15 +265,6 @@ def edited_file(head, name, edit):
     return str(path)
 
 
-def assert_clear_error(result, *fragments):
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Test: " not in result.stdout
-
-
 def test_released_layout_with_a_renamed_key_is_refused(head):
     first_m = next(k for k in head["state_dict"] if k.endswith(".M"))
     renamed = first_m[:-1] + "mean"
@@ -293,10 +281,8 @@ def test_K_is_read_from_the_file_and_a_contradicting_K_is_refused(head):
     result = evaluate(head["model"], path, data_root=head["data_root"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"({head['model']}, cifar100, K=4;" in result.stdout
-    contradicted = subprocess.run(
-        [sys.executable, os.path.join(REPO, "main.py"), "--evaluate", path, "--model", head["model"],
-         "--dataset", "cifar100", "-K", "8", "-L", "2", "--data_root", head["data_root"], "--gpus", "cpu"],
-        env=script_env(), capture_output=True, text=True, timeout=300)
+    contradicted = run_main("--evaluate", path, "--model", head["model"], "--dataset", "cifar100",
+                            "-K", "8", "-L", "2", "--data_root", head["data_root"], "--gpus", "cpu")
     assert_clear_error(contradicted, "holds K=4 (the first dimension of its Z), not the -K 8 asked for")
 
 
@@ -341,30 +327,30 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("model", ["resnet18", "vgg16"])
-def test_a_pickled_object_is_refused_and_never_run(tmp_path, model):
+def test_a_pickled_object_is_refused_and_never_run(tmp_path, model, cifar100_root):
     marker = tmp_path / "this-file-must-not-appear"
     path = tmp_path / "evil.pth.tar"
     torch.save({"epoch": 1, "state_dict": {}, "fp_regime": RunsCode(str(marker))}, path)
-    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    data_root = cifar100_root
     assert_clear_error(evaluate(model, str(path), data_root=data_root),
                        f"refusing to load {path}", "objects other than tensors and plain data")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("state_dict", [{"module.conv1.weight": "not a tensor"}, [1, 2, 3]])
-def test_a_state_dict_that_is_not_named_tensors_is_refused(tmp_path, state_dict):
+def test_a_state_dict_that_is_not_named_tensors_is_refused(tmp_path, state_dict, cifar100_root):
     path = tmp_path / "odd.pth.tar"
     torch.save({"epoch": 1, "state_dict": state_dict}, path)
-    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    data_root = cifar100_root
     assert_clear_error(evaluate("resnet18", str(path), data_root=data_root),
                        f"{path}: its 'state_dict' is not a dict of named tensors")
 
 
-def test_a_truncated_file_is_refused(tmp_path):
+def test_a_truncated_file_is_refused(tmp_path, cifar100_root):
     path = tmp_path / "truncated.pth.tar"
     torch.save({"epoch": 1, "state_dict": {"module.conv1.M": torch.randn(64, 3, 3, 3)}}, path)
     path.write_bytes(path.read_bytes()[:-200])
-    data_root = write_tiny_cifar100(str(tmp_path / "data"), num_train=10, num_test=10)
+    data_root = cifar100_root
     assert_clear_error(evaluate("vgg16", str(path), data_root=data_root),
                        f"cannot read {path}: truncated, corrupt, or not a checkpoint")
 
@@ -384,18 +370,17 @@ def test_missing_released_checkpoint_says_where_to_get_it(tmp_path, model):
 
 # ---- this project's checkpoints ----------------------------------------------------------
 
-def test_own_checkpoint_evaluates_to_its_logged_mean_network(tmp_path):
+def test_own_checkpoint_evaluates_to_its_logged_mean_network(tmp_path, cifar100_root):
     """A checkpoint written by main.py: the script reports its mean network's accuracy as
-    the run's log does for the best epoch (the mean network has no random draws). The
-    network is the file's (here a narrow one); the script's model and K must agree."""
-    data_root = write_tiny_cifar100(str(tmp_path / "data"))
-    run = subprocess.run(
-        [sys.executable, os.path.join(REPO, "main.py"), "--gpus", "cpu", "--model", "resnet18",
-         "--width", "4", "--epochs", "2", "-b", "64", "-L", "2", "-K", "8", "--warmup_epochs", "1",
-         "--seed", "3", "--data_root", data_root, "--results_dir", str(tmp_path), "--save", "run"],
-        env=script_env(), capture_output=True, text=True, timeout=300)
+    the run's metrics do for the best epoch (the mean network has no random draws). The
+    network is the file's (here a narrow one); the script's model must agree."""
+    data_root = cifar100_root
+    run = run_main("--gpus", "cpu", "--model", "resnet18", "--width", "4", "--epochs", "2", "-b", "64",
+                   "-L", "2", "-K", "8", "--warmup_epochs", "1", "--seed", "3", "--data_root", data_root,
+                   "--results_dir", str(tmp_path), "--save", "run")
     assert run.returncode == 0, run.stderr
-    epochs, (best, best_epoch, _) = read_log(tmp_path / "run.txt")
+    epochs, status = run_results(tmp_path, "run")
+    best_epoch = status.best_epoch
     result = evaluate("resnet18", str(tmp_path / "run" / "model_best.pth.tar"), data_root=data_root, L=3)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(resnet18, cifar100, K=8; epoch" in result.stdout

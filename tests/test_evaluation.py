@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from main import evaluate, evaluate_mean
+from engine import evaluate, evaluate_mean
 from models import build_model, is_binary
 from optim import VISPA
 
@@ -31,7 +31,7 @@ def test_L_sample_evaluation_averages_the_logits_of_L_full_passes(name):
     L = 5
     model, opt, batches = setup(name)
     draws = opt.generator.get_state()
-    result = evaluate(model, opt, batches, L, torch.device("cpu"), bf16=False)
+    result = evaluate(model, opt, batches, L)
 
     opt.generator.set_state(draws)  # the same draws, one full forward pass each
     model.eval()
@@ -66,7 +66,7 @@ def test_passes_differ_so_averaging_matters():
 
 def test_mean_network_evaluation_uses_sign_of_M():
     model, opt, batches = setup("vgg16", seed=2)
-    result = evaluate_mean(model, opt, batches, torch.device("cpu"), bf16=False)
+    result = evaluate_mean(model, opt, batches)
     plain = copy.deepcopy(model).eval()  # a copy whose binary weights are set by hand
     with torch.no_grad():
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):

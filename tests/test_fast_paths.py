@@ -8,30 +8,26 @@
 - the batch augmentation on the device has the distribution of torchvision's;
 - bf16 autocast stays close to float32;
 - checkpoints written in the background hold the state of the moment they were
-  handed over, and a failure to write one is raised.
+  handed over, and a failure to write one is raised (that a run stopped while one is
+  written resumes exactly is test_resume.py's).
 """
 import io
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-from data import MEAN, STD, DeviceLoader, torchvision_loader
-from data.synthetic import write_structured_cifar
+import engine
+from data import DATASETS
 from models import build_model, is_binary
 from optim import VISPA
 from utils import checkpoint
 from utils.checkpoint import BackgroundSaver, CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = DATASETS["cifar10"]
+MEAN, STD = CIFAR.mean, CIFAR.std
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CPU = torch.device("cpu")
 
@@ -118,16 +114,6 @@ def test_training_steps_equal_plain_sgd_on_M_Z_and_real_params(device, fused, me
 
 # ---- evaluation ----------------------------------------------------------------------------
 
-class RecordingAccumulator(main.Accumulator):
-    """main's device-side meter, keeping every batch's logits and loss."""
-    logits, losses = [], []
-
-    def add(self, loss, logits, labels):
-        RecordingAccumulator.logits.append(logits.clone())
-        RecordingAccumulator.losses.append(loss.item())
-        super().add(loss, logits, labels)
-
-
 def trained_a_little(name):
     """A network whose BatchNorm running statistics are not the defaults."""
     model, opt = network(name, width=8)
@@ -138,20 +124,19 @@ def trained_a_little(name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg16"])
-def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_passes(name, monkeypatch):
+def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_passes(name):
+    """engine.predict (the stem once per batch of 50) against full passes over
+    sub-batches of 16, with the same draws; and engine.evaluate's figures from them."""
     L, big, small = 3, 50, 16
     model, opt = trained_a_little(name)
     torch.manual_seed(5)
     images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (100,))
-    loader = DeviceLoader(images, labels, big, False, CPU)
-    monkeypatch.setattr(main, "Accumulator", RecordingAccumulator)
-    RecordingAccumulator.logits, RecordingAccumulator.losses = [], []
+    loader = CIFAR.loader(images, labels, big, False, CPU)
+    model.eval()
 
-    def plain(draws):
+    def plain():
         """Every pass: one draw, then the whole network over sub-batches of ``small``."""
-        opt.generator.set_state(draws)
-        model.eval()
         logits, losses = [], []
         with torch.no_grad():
             for x, y in loader:
@@ -164,16 +149,21 @@ def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_p
         return logits, losses
 
     draws = opt.generator.get_state()
-    result = main.evaluate(model, opt, loader, L, CPU, bf16=False)
-    expected_logits, expected_losses = plain(draws)
-    assert len(RecordingAccumulator.logits) == len(expected_logits) == 2
-    for got, want in zip(RecordingAccumulator.logits, expected_logits):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert RecordingAccumulator.losses == pytest.approx(expected_losses, rel=1e-5)
+    got = [engine.predict(model, opt, x, y, L) for x, y in loader]
+    opt.generator.set_state(draws)
+    result = engine.evaluate(model, opt, loader, L)
+    opt.generator.set_state(draws)
+    expected_logits, expected_losses = plain()
+    assert len(got) == len(expected_logits) == 2
+    for (logits, loss), want, want_loss in zip(got, expected_logits, expected_losses):
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        assert loss.item() == pytest.approx(want_loss, rel=1e-5)
     everything = torch.cat(expected_logits)
     assert result["prec1"] == pytest.approx(100.0 * (everything.argmax(1) == labels).double().mean().item())
+    assert result["loss"] == pytest.approx(sum(l * 50 for l in expected_losses) / 100, rel=1e-5)
     # the comparison rests on the draws: other draws give other logits
-    other_logits, _ = plain(torch.Generator().manual_seed(8).get_state())
+    opt.generator.manual_seed(8)
+    other_logits, _ = plain()
     assert not torch.allclose(torch.cat(other_logits), everything, rtol=1e-4, atol=1e-4)
 
 
@@ -231,9 +221,9 @@ def test_device_augmentation_has_the_distribution_of_torchvisions():
     n = 3000
     images, labels = pattern_images(n), torch.zeros(n, dtype=torch.long)
     torch.manual_seed(0)
-    ours = torch.cat([x for x, _ in DeviceLoader(images, labels, 500, True, CPU)])
+    ours = torch.cat([x for x, _ in CIFAR.loader(images, labels, 500, True, CPU)])
     torch.manual_seed(0)
-    theirs = torch.cat([x for x, _ in torchvision_loader(images, labels, 500, True, workers=0)])
+    theirs = torch.cat([x for x, _ in CIFAR.reference_loader(images, labels, 500, True, workers=0)])
     results = {}
     for name, batch in (("ours", to_pixels(ours)), ("torchvision", to_pixels(theirs))):
         found = offsets_and_flips(batch)
@@ -260,19 +250,18 @@ def test_device_augmentation_has_the_distribution_of_torchvisions():
 
 # ---- bf16 ------------------------------------------------------------------------------------
 
-def test_bf16_evaluation_and_training_stay_close_to_float32(monkeypatch):
+def test_bf16_evaluation_and_training_stay_close_to_float32():
     model, opt = trained_a_little("resnet18")
     torch.manual_seed(5)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (64,))
-    monkeypatch.setattr(main, "Accumulator", RecordingAccumulator)
-    logits = {}
+    x = next(iter(CIFAR.loader(images, labels, 64, False, CPU)))[0]
+    model.eval()
     draws = opt.generator.get_state()
+    logits = {}
     for bf16 in (False, True):
-        RecordingAccumulator.logits = []
         opt.generator.set_state(draws)
-        main.evaluate(model, opt, DeviceLoader(images, labels, 64, False, CPU), 2, CPU, bf16)
-        logits[bf16] = RecordingAccumulator.logits[0]
+        logits[bf16] = engine.predict(model, opt, x, labels, 2, bf16)[0]
     error = (logits[True] - logits[False]).norm() / logits[False].norm()
     assert 0 < error < 0.05
 
@@ -280,10 +269,8 @@ def test_bf16_evaluation_and_training_stay_close_to_float32(monkeypatch):
     for bf16 in (False, True):
         model, opt = network(width=8)
         torch.manual_seed(4)
-        loader = DeviceLoader(images, labels, 32, True, CPU)
-        trained = main.train_one_epoch(model, opt, loader, lambda it: 0.05, 0, CPU, bf16,
-                                       SimpleNamespace(signum=None), lambda it, d: it)
-        losses[bf16] = trained["loss"]
+        loader = CIFAR.loader(images, labels, 32, True, CPU)
+        losses[bf16] = engine.train_one_epoch(model, opt, loader, lambda it: 0.05, 0, bf16)["loss"]
     assert math.isfinite(losses[True])
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
 
@@ -330,50 +317,6 @@ def test_a_failed_background_write_is_raised_and_leaves_no_file(tmp_path):
     with pytest.raises(Exception, match="lambda"):  # the next submit raises it first
         saver.submit([({"x": torch.ones(3)}, str(tmp_path / "d.pth"))])
     assert os.listdir(tmp_path) == []  # no file, no temporary left behind
-
-
-def test_run_stopped_mid_training_resumes_to_the_same_checkpoint_as_an_uninterrupted_run(tmp_path):
-    """main.py writes its checkpoints in the background: the checkpoint a stopped run
-    leaves must be complete and from one moment, so that resuming it reproduces the
-    uninterrupted run exactly. (The stopped run is a process of its own, to be sent
-    SIGTERM; the others run in this one.)"""
-    data = tmp_path / "data"
-    write_structured_cifar(str(data), "cifar10", num_train=128, num_test=64, seed=2)
-    results = tmp_path / "results"
-    arguments = ["--gpus", "cpu", "--dataset", "cifar10", "--data_root", str(data), "--model",
-                 "resnet18", "--width", "4", "--epochs", "3", "-b", "32", "-L", "1", "-K", "2",
-                 "--warmup_epochs", "1", "--seed", "1", "--results_dir", str(results)]
-    assert main.main(arguments + ["--save", "straight"]) == 0
-
-    stopped = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *arguments,
-                                "--save", "stopped"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    log = results / "stopped.txt"
-    deadline = time.time() + 300
-    while not (log.exists() and "Epoch 1/3" in log.read_text()):
-        assert stopped.poll() is None and time.time() < deadline, "the run ended before epoch 1 was logged"
-        time.sleep(0.02)
-    stopped.send_signal(signal.SIGTERM)
-    _, err = stopped.communicate(timeout=300)
-    assert stopped.returncode == 128 + signal.SIGTERM, err
-
-    assert main.main(arguments + ["--save", "stopped", "--resume"]) == 0
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-        a = checkpoint.load(str(results / "straight" / name))
-        b = checkpoint.load(str(results / "stopped" / name))
-        assert a["epoch"] == b["epoch"]
-        for part in ("model", "optimizer"):
-            flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
-            assert flat_a.keys() == flat_b.keys()
-            for key in flat_a:
-                assert torch.equal(flat_a[key], flat_b[key]), (name, key)
-
-
-def _tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -1,34 +1,29 @@
 """main.py end to end, in subprocesses, on small generated datasets in the CIFAR
 on-disk format."""
+import json
 import re
 
 import pytest
 import torch
 
-from data.synthetic import write_structured_cifar
-from helpers import epoch_lines, metrics_without_seconds, run_main
+from config import Config
+from helpers import TINY, epoch_lines, load_checkpoint, metrics_without_seconds, run_main
+from models import build_model, is_binary
+from utils.run_dir import RunDir
 
 BEST = re.compile(r"^Best Prec@1: (\d+\.\d\d) \(epoch (\d+)/(\d+)\)$")
 EPOCH = re.compile(r"^Epoch (\d+)/(\d+) .*val loss \S+ Prec@1 (\S+) .*mean-net Prec@1 (\S+)")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_structured_cifar(str(root), "cifar10", num_train=300, num_test=100, seed=3)
-    return root
-
-
 def tiny_run(data_root, results, save, *extra):
-    return run_main("--gpus", "cpu", "--dataset", "cifar10", "--data_root", data_root,
-                    "--model", "resnet18", "--width", 4, "--epochs", 2, "-b", 64, "-L", 2, "-K", 2,
-                    "--warmup_epochs", 1, "--seed", 1, "--results_dir", results, "--save", save, *extra)
+    return run_main(*TINY, "--data_root", data_root, "--epochs", 2, "--results_dir", results,
+                    "--save", save, *extra)
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_root, tmp_path_factory):
+def finished_run(cifar10_root, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    done = tiny_run(data_root, results, "tiny")
+    done = tiny_run(cifar10_root, results, "tiny")
     assert done.returncode == 0, done.stderr
     return results, done
 
@@ -46,45 +41,69 @@ def test_log_ends_with_the_best_line_and_names_every_epoch(finished_run):
     assert sum(1 for line in log if line.startswith("Best Prec@1")) == 1
 
 
-def test_run_folder_holds_csv_and_both_checkpoints(finished_run):
+def test_run_folder_holds_config_csv_and_both_checkpoints(finished_run):
     results, _ = finished_run
-    rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
+    run = RunDir(str(results), "tiny")
+    rows = metrics_without_seconds(run.metrics)
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    ckpt = torch.load(results / "tiny" / "checkpoint.pth.tar", weights_only=True)
-    best = torch.load(results / "tiny" / "model_best.pth.tar", weights_only=True)
+    with open(run.config) as f:
+        settings = json.load(f)
+    assert Config.from_dict(settings) == Config(model="resnet18", dataset="cifar10", width=4, epochs=2,
+                                                batch_size=64, L=2, K=2, warmup_epochs=1, seed=1)
+    ckpt, best = load_checkpoint(run.checkpoint), load_checkpoint(run.best)
     assert ckpt["epoch"] == 2 and best["epoch"] == ckpt["best_epoch"]
-    assert {"M", "Z", "M_momentum", "Z_momentum"} <= set(ckpt["optimizer"]["state"][3])
-    assert {"M", "Z"} <= set(best["optimizer"]["state"][3])
+    assert ckpt["config"] == settings and ckpt["run"] == "tiny"
+    last = ckpt["history"][-1]  # numbers, which metrics.csv writes rounded
+    assert isinstance(last["val_prec1"], float) and f"{last['val_prec1']:.2f}" == rows[-1]["val_prec1"]
+    # the optimizer state of the first binary weight, found by its name
+    named = list(build_model("resnet18", 10, 4).named_parameters())
+    names = [name for name, _ in named]
+    first = next(i for i, (_, p) in enumerate(named) if is_binary(p))
+    assert names[first] == "layer1.0.conv1.weight"
+    assert set(ckpt["optimizer"]["state"][first]) == {"M", "Z", "M_momentum", "Z_momentum"}
+    assert set(best["optimizer"]["state"][first]) == {"M", "Z"}  # no momenta in model_best
+    assert "generator" in ckpt["optimizer"]
+    # the network's own binary weights are the mean network sign(M)
+    assert torch.equal(ckpt["model"][names[first]], torch.sign(ckpt["optimizer"]["state"][first]["M"]))
 
 
-def test_evaluate_reproduces_the_logged_mean_network_accuracy(finished_run, data_root):
+def test_evaluate_reproduces_the_logged_mean_network_accuracy(finished_run, cifar10_root):
     results, _ = finished_run
     rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
     best_epoch = int(rows[-1]["best_epoch"])
     logged = rows[best_epoch - 1]
     out = run_main("--evaluate", results / "tiny" / "model_best.pth.tar", "--gpus", "cpu", "-L", 2,
-                   "--data_root", data_root)
+                   "--data_root", cifar10_root)
     assert out.returncode == 0, out.stderr
     mean = re.search(r"mean network Prec@1 (\S+)", out.stdout).group(1)
     assert mean == logged["mean_prec1"]
     assert re.search(r"Test: loss \S+\s+Prec@1 \S+\s+Prec@5 \S+\s+\(L=2\)", out.stdout)
 
 
-def test_same_seed_same_machine_gives_identical_metrics(finished_run, data_root, tmp_path):
+def test_same_seed_same_machine_gives_identical_metrics(finished_run, cifar10_root, tmp_path):
     results, _ = finished_run
-    again = tiny_run(data_root, tmp_path, "tiny")
+    again = tiny_run(cifar10_root, tmp_path, "tiny")
     assert again.returncode == 0, again.stderr
     assert metrics_without_seconds(tmp_path / "tiny" / "metrics.csv") == metrics_without_seconds(results / "tiny" / "metrics.csv")
     assert epoch_lines(open(tmp_path / "tiny.txt").read()) == epoch_lines(open(results / "tiny.txt").read())
 
 
-def test_vgg16_and_cifar100_layout_run_end_to_end(tmp_path):
-    write_structured_cifar(str(tmp_path / "data"), "cifar100", num_train=200, num_test=50, seed=4)
-    out = run_main("--gpus", "cpu", "--dataset", "cifar100", "--data_root", tmp_path / "data",
-                   "--model", "vgg16_cifar100_sdp", "--width", 8, "--epochs", 1, "-b", 50, "-L", 2,
+def test_vgg16_and_cifar100_layout_run_end_to_end(cifar100_root, tmp_path):
+    out = run_main("--gpus", "cpu", "--dataset", "cifar100", "--data_root", cifar100_root,
+                   "--model", "vgg16_cifar100_sdp", "--width", 8, "--epochs", 1, "-b", 80, "-L", 2,
                    "-K", 1, "--seed", 2, "--results_dir", tmp_path / "results", "--save", "vgg")
     assert out.returncode == 0, out.stderr
     assert BEST.match(open(tmp_path / "results" / "vgg.txt").read().splitlines()[-1])
+
+
+def test_a_recipe_gives_its_settings_and_options_override_them(cifar10_root, tmp_path):
+    out = run_main("--recipe", "vgg16_1w32a_cifar10", "--width", 4, "--epochs", 1, "-b", 100, "-L", 1,
+                   "--gpus", "cpu", "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "r")
+    assert out.returncode == 0, out.stderr
+    with open(RunDir(str(tmp_path), "r").config) as f:
+        settings = json.load(f)
+    assert (settings["model"], settings["dataset"], settings["width"], settings["K"], settings["lr"]) == \
+        ("vgg16", "cifar10", 4, 8, 0.1)
 
 
 def test_demo_learns_far_above_chance(tmp_path):
@@ -97,9 +116,20 @@ def test_demo_learns_far_above_chance(tmp_path):
     assert (tmp_path / "demo" / "model_best.pth.tar").exists()
 
 
-def test_help_explains_the_options():
+def test_help_explains_every_option_with_its_default():
     out = run_main("--help")
     assert out.returncode == 0
-    for flag in ("--model", "--dataset", "-K", "-L", "--scale", "--gpus", "--resume", "--evaluate",
-                 "--bf16", "--projection", "--demo"):
-        assert flag in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    for flag, explanation in [
+            ("--model", "network: resnet18, vgg16"), ("--dataset", "(default: cifar100)"),
+            ("-K", "rank of the covariance factor Z; 0 = plain latent weights"),
+            ("-L", "samples per test image; the logits of the L passes are averaged (default: 40)"),
+            ("--scale", "the draw is r ~ N(0, I_K / S); the Z gradient is scaled by sqrt(S) (default: 100.0)"),
+            ("--lr", "peak learning rate (default: 0.1)"), ("--wd", "(default: 0.0005)"),
+            ("--epochs", "(default: 500)"), ("--batch-size", "(default: 256)"),
+            ("--recipe", "start from one of the authors' configurations"),
+            ("--gpus", "CUDA device index, or 'cpu'"), ("--resume", "continue a run from its checkpoint"),
+            ("--evaluate", "K is read from the file"), ("--bf16", "bfloat16 autocast"),
+            ("--projection", "the paper's constraint"), ("--demo", "generated dataset")]:
+        assert flag in out.stdout, flag
+        assert explanation in text, (flag, explanation)

@@ -2,10 +2,11 @@
 the state_dict keys of the authors' released checkpoints."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from models import ALIASES, BinaryConv2d, build_model, canonical_name, is_binary
+from models import ALIASES, BinaryConv2d, build_model, canonical_name, is_binary, released
 from optim import VISPA
 
 # The key lists of the released checkpoints (shapes and dtypes), kept beside the tests.
@@ -25,34 +26,25 @@ def read_reference(model):
     return keys
 
 
-def our_keys_in_released_terms(model, opt):
-    """Every parameter and buffer of ours, named as the released files name them:
-    a binary layer's alpha is <layer>.Alpha, its distribution (in the optimizer) is
-    <layer>.M and <layer>.Z; the layer's sign weight has no key of its own."""
-    keys = {}
-    for name, tensor in model.state_dict().items():
-        layer, _, leaf = name.rpartition(".")
-        param = dict(model.named_parameters()).get(name)
-        if param is not None and is_binary(param):
-            for key in ("M", "Z"):
-                value = opt.state[param][key]
-                keys[f"module.{layer}.{key}"] = (tuple(value.shape), str(value.dtype).replace("torch.", ""))
-        elif leaf == "alpha":
-            keys[f"module.{layer}.Alpha"] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-        else:
-            keys[f"module.{name}"] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-    return keys
-
-
 @pytest.mark.parametrize("name", ["resnet18", "vgg16"])
 def test_parameters_and_buffers_map_one_to_one_onto_the_released_keys(name):
+    """Our network and its distribution in the released layout (models/released.py) have
+    exactly the keys, shapes and dtypes of the authors' files, and map back."""
     torch.manual_seed(0)
     model = build_model(name, num_classes=100)
     opt = VISPA(model.parameters(), lr=0.1, K=8, S=100.0)
-    ours, released = our_keys_in_released_terms(model, opt), read_reference(name)
-    assert sorted(set(ours) - set(released)) == []
-    assert sorted(set(released) - set(ours)) == []
-    assert {k: v for k, v in ours.items() if released[k] != v} == {}
+    distributions = {n: (opt.state[p]["M"], opt.state[p]["Z"]) for n, p in model.named_parameters()
+                     if is_binary(p)}
+    ours = released.to_released(model, distributions)
+    expected = read_reference(name)
+    assert list(ours) == list(expected)  # the same keys in the same order
+    assert {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in ours.items()} == expected
+    back = released.from_released(ours, build_model(name, num_classes=100))
+    assert back.K == 8 and not back.dropped
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.model_state[key], value), key
+    for key, (M, Z) in distributions.items():
+        assert back.distributions[key][0] is M and back.distributions[key][1] is Z
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg16"])
@@ -85,13 +77,26 @@ def test_resnet18_real_layers_are_the_stem_shortcuts_and_classifier():
 
 
 def test_binary_layer_scales_each_output_channel():
-    """out = conv(x, b) * alpha with alpha of shape (out, 1, 1), initialised U(0, 1)."""
+    """out[o, i, j] = alpha[o] * sum_{c, u, v} b[o, c, u, v] x_padded[c, i + u, j + v], written
+    out with loops in float64; alpha of shape (out, 1, 1) starts U(0, 1)."""
     torch.manual_seed(2)
-    layer = BinaryConv2d(2, 4, 3, padding=1)
+    layer = BinaryConv2d(2, 4, 3, padding=1).double()
     assert layer.alpha.shape == (4, 1, 1) and 0 <= layer.alpha.min() and layer.alpha.max() <= 1
-    x = torch.randn(1, 2, 5, 5)
-    expected = torch.nn.functional.conv2d(x, layer.weight, padding=1) * layer.alpha.view(1, 4, 1, 1)
-    torch.testing.assert_close(layer(x), expected)
+    opt = VISPA(layer.parameters(), lr=0.1, K=2)  # the layer now holds sign(M)
+    b, alpha = layer.weight.detach().numpy(), layer.alpha.detach().numpy().reshape(4)
+    assert set(np.unique(b)) == {-1.0, 1.0}
+    x = np.random.default_rng(3).normal(size=(2, 5, 5))
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    expected = np.zeros((4, 5, 5))
+    for o in range(4):
+        for i in range(5):
+            for j in range(5):
+                expected[o, i, j] = alpha[o] * sum(b[o, c, u, v] * padded[c, i + u, j + v]
+                                                   for c in range(2) for u in range(3) for v in range(3))
+    with torch.no_grad():
+        out = layer(torch.from_numpy(x)[None])[0].numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert opt.state[layer.weight]["M"].shape == (4, 2, 3, 3)
 
 
 def test_aliases_of_the_released_code_name_the_same_networks():

@@ -1,23 +1,36 @@
-"""python -m utils.summarize on logs written by main.py: runs grouped by configuration,
-mean ± std (ddof=1), min and max against the logs, and a running run marked."""
+"""python -m utils.summarize on run folders as main.py writes them (utils/run_dir.py):
+runs grouped by configuration, mean ± std (ddof=1), min and max, running runs marked,
+unreadable runs named without stopping the others."""
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 
-from tests.scripts_support import REPO, read_log, script_env, wait_for, write_tiny_cifar100
+from helpers import REPO, script_env
+from utils.run_dir import RunDir
+from utils.runlog import RunLog
 from utils.summarize import TAIL_BYTES, read_tail
 
 
-def start_run(results, data_root, save, seed, epochs):
-    return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "main.py"), "--gpus", "cpu", "--model", "resnet18",
-         "--width", "4", "--epochs", str(epochs), "-b", "64", "-L", "2", "-K", "2",
-         "--warmup_epochs", "1", "--seed", str(seed), "--data_root", data_root,
-         "--results_dir", str(results), "--save", save],
-        env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def write_run(results, name, val_prec1, epochs):
+    """A run folder with one metrics row per value of ``val_prec1`` (the epochs done so
+    far), its config and its log, as main.py leaves them."""
+    run = RunDir(str(results), name)
+    os.makedirs(run.folder)
+    run.write_config({"epochs": epochs, "model": "resnet18"})
+    history, best = [], (0.0, 0)
+    log = RunLog(run.log, epochs, echo=False)
+    for epoch, prec1 in enumerate(val_prec1, 1):
+        best = max(best, (prec1, -epoch))
+        history.append(dict(epoch=epoch, lr=0.1, train_loss=1.0, train_prec1=50.0, train_prec5=90.0,
+                            val_loss=1.0, val_prec1=prec1, val_prec5=95.0, mean_prec1=prec1 - 1,
+                            best_prec1=best[0], best_epoch=-best[1], seconds=1.0))
+        log.write(f"Epoch {epoch}/{epochs} ...")
+        log.set_best(best[0], -best[1])
+    log.close()
+    run.write_metrics(history)
+    return best[0]
 
 
 def summarize(results):
@@ -25,38 +38,37 @@ def summarize(results):
                           env=script_env(), capture_output=True, text=True, timeout=60)
 
 
-def test_groups_statistics_and_running_runs(tmp_path):
-    data_root = write_tiny_cifar100(str(tmp_path / "data"))
+def test_groups_statistics_running_runs_and_unreadable_ones(tmp_path):
     results = tmp_path / "results"
-    finished = {seed: start_run(results, data_root, f"resnet18_seed={seed}_w4", seed, 2) for seed in (1, 2)}
-    running = start_run(results, data_root, "resnet18_seed=3_w4_long", 3, 30)
-    (tmp_path / "results").mkdir(exist_ok=True)
-    (results / "notes.txt").write_text("not a run log\n")
-    try:
-        for process in finished.values():
-            assert process.wait(timeout=300) == 0, process.stderr.read()
-        long_log = results / "resnet18_seed=3_w4_long.txt"
-        wait_for(lambda: long_log.exists() and "Epoch 1/30" in long_log.read_text(), timeout=300)
-        result = summarize(results)
-    finally:
-        running.send_signal(signal.SIGTERM)
-        running.wait(timeout=120)
+    bests = [write_run(results, "resnet18_seed=1_w4", [41.5, 63.25], 2),
+             write_run(results, "resnet18_seed=2_w4", [55.0, 52.0], 2)]
+    write_run(results, "resnet18_seed=3_w4_long", [12.0], 30)
+    write_run(results, "resnet18_seed=4_w4_long", [], 30)  # started, no epoch finished yet
+    write_run(results, "resnet18_seed=5_w4", [50.0], 2)
+    metrics = RunDir(str(results), "resnet18_seed=5_w4").metrics
+    with open(metrics) as f:
+        text = f.read()
+    with open(metrics, "w") as f:  # a damaged file: the others are summarised all the same
+        f.write(text.replace("50.00", "abc", 1))
+    (results / "notes.txt").write_text("not a run\n")
+
+    result = summarize(results)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "mean ± sample std (ddof=1)" in lines[0]
-
-    bests = [read_log(results / f"resnet18_seed={seed}_w4.txt")[1][0] for seed in (1, 2)]
     mean, std = statistics.mean(bests), statistics.stdev(bests)
+    assert bests == [63.25, 55.0]
     group = lines.index("resnet18_seed=*_w4")
     assert lines[group + 1].split() == ["n=2", "best", "top-1", f"{mean:.2f}", "±", f"{std:.2f}",
                                         "min", f"{min(bests):.2f}", "max", f"{max(bests):.2f}"]
     assert not lines[group + 2].strip().startswith("running")  # both finished
 
     long_group = lines.index("resnet18_seed=*_w4_long")
-    assert "n=1" in lines[long_group + 1] and "one run, no std" in lines[long_group + 1]
-    marked = re.fullmatch(r"    running or stopped \(1 of 1\): seed=3 at epoch (\d+)/30", lines[long_group + 2])
-    assert marked and 1 <= int(marked.group(1)) < 30
-    assert lines[-1] == "(not run logs, ignored: notes.txt)"
+    assert lines[long_group + 1].split()[:4] == ["n=1", "best", "top-1", "12.00"]
+    assert "one run, no std" in lines[long_group + 1]
+    assert lines[long_group + 2] == ("    running or stopped (2 of 2): seed=3 at epoch 1/30, "
+                                     "seed=4 at epoch 0/30")
+    assert lines[-1] == "(cannot be read, left out: resnet18_seed=5_w4)"
 
 
 def test_reads_only_the_end_of_a_log(tmp_path):
@@ -70,7 +82,7 @@ def test_reads_only_the_end_of_a_log(tmp_path):
     assert numbers == list(range(numbers[0], 200_000))
 
 
-def test_no_logs_is_an_error(tmp_path):
+def test_no_runs_is_an_error(tmp_path):
     result = summarize(tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: no run logs (*.txt ending with a 'Best Prec@1' line) in {tmp_path}"
+    assert result.stderr.strip() == f"error: no runs (folders with a readable metrics.csv) in {tmp_path}"

@@ -6,10 +6,24 @@ reader (a person, ``tail -1``, ``utils.summarize``) finds the best accuracy at t
 end of the file while the run is going and after it has ended.
 """
 import os
+import re
+
+BEST_LINE = re.compile(r"Best Prec@1: (\S+) \(epoch (\d+)/(\d+)\)")
 
 
 def best_line(best_prec1: float, best_epoch: int, total_epochs: int) -> str:
     return f"Best Prec@1: {best_prec1:.2f} (epoch {best_epoch}/{total_epochs})"
+
+
+def parse_best_line(line: str):
+    """(best top-1, its epoch, the run's epochs) of a best line; None for another line."""
+    found = BEST_LINE.fullmatch(line.strip())
+    if found is None:
+        return None
+    try:
+        return float(found.group(1)), int(found.group(2)), int(found.group(3))
+    except ValueError:
+        return None
 
 
 class RunLog:

@@ -1,0 +1,181 @@
+"""The run config: one frozen dataclass whose defaults are the paper's recipe.
+
+It is the single source of every setting that decides a run: ``main.py``'s options
+are made from it, a checkpoint stores it, the benchmark scripts name their runs
+with ``run_name`` and the speed benchmark trains with it. ``RECIPES`` holds the
+authors' configurations by name; ``--recipe`` on the command line starts from one.
+"""
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from data import DATASETS
+from models import ALIASES, MODELS, canonical_name
+
+
+def _number(kind, low=None, above=None):
+    """An argparse type: a finite ``kind`` >= ``low`` (or > ``above``), with a message that says so."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        return value
+    return parse
+
+
+def _model_name(text):
+    try:
+        return canonical_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _setting(default, *flags, help, type=None, choices=None):
+    """A field of the config with what its command-line option needs."""
+    return field(default=default, metadata=dict(flags=flags, help=help, type=type, choices=choices))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = _setting("resnet18", "--model", type=_model_name,
+                          help=f"network: {', '.join(MODELS)} (also accepted: {', '.join(ALIASES)})")
+    dataset: str = _setting("cifar100", "--dataset", choices=sorted(DATASETS), help="dataset")
+    width: int = _setting(64, "--width", type=_number(int, low=1),
+                          help="width of the first layer (64 = the paper's networks; smaller for quick "
+                               "experiments)")
+    epochs: int = _setting(500, "--epochs", type=_number(int, low=1), help="training epochs")
+    batch_size: int = _setting(256, "-b", "--batch-size", type=_number(int, low=1),
+                               help="training batch size")
+    eval_batch_size: int = _setting(1000, "--eval-batch-size", type=_number(int, low=1),
+                                    help="test batch size; evaluation uses BatchNorm's running "
+                                         "statistics, so it computes the same function for any value")
+    lr: float = _setting(0.1, "--lr", type=_number(float, low=0), help="peak learning rate")
+    momentum: float = _setting(0.9, "--momentum", type=_number(float, low=0), help="SGD momentum")
+    wd: float = _setting(5e-4, "--wd", type=_number(float, low=0),
+                         help="weight decay (on M, Z and the real parameters)")
+    lr_decay: str = _setting("cos", "--lr_decay", choices=["cos", "constant"],
+                             help="after the warm-up: cosine to 0 per iteration, or constant")
+    warmup_epochs: int = _setting(5, "--warmup_epochs", type=_number(int, low=0),
+                                  help="linear warm-up from 0, per iteration")
+    K: int = _setting(8, "-K", type=_number(int, low=0),
+                      help="rank of the covariance factor Z; 0 = plain latent weights with sign and "
+                           "straight-through (the 'without Z' ablation)")
+    L: int = _setting(40, "-L", type=_number(int, low=1),
+                      help="samples per test image; the logits of the L passes are averaged")
+    scale: float = _setting(100.0, "-scale", "--scale", type=_number(float, above=0),
+                            help="S: the draw is r ~ N(0, I_K / S); the Z gradient is scaled by sqrt(S)")
+    projection: str = _setting("none", "--projection", choices=["none", "sphere"],
+                               help="'sphere' rescales every entry to M_i^2 + |Z_i|^2/S = 1 after each "
+                                    "step, the paper's constraint; the released code (and the published "
+                                    "numbers) do not")
+    seed: int = _setting(None, "--seed", type=_number(int),
+                         help="random seed (default: drawn at random and logged)")
+    bf16: bool = _setting(False, "--bf16",
+                          help="bfloat16 autocast for the forward passes (faster on GPUs). The binary "
+                               "weights are exact in bf16; activations and BatchNorm inputs are rounded, "
+                               "so results differ slightly from the float32 reference")
+    loader: str = _setting("device", "--loader", choices=["device", "torchvision"],
+                           help="'device': the dataset stays on the training device and batches are "
+                                "augmented there; 'torchvision': the released code's DataLoader with "
+                                "PIL transforms (slower)")
+    workers: int = _setting(4, "-j", "--workers", type=_number(int, low=0),
+                            help="data-loading processes (only for --loader torchvision, where each "
+                                 "worker draws its own augmentations)")
+
+    @property
+    def num_classes(self):
+        return DATASETS[self.dataset].num_classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The config a checkpoint stored. Settings it does not name keep their defaults
+        (a file of an older version); a name this version does not know is an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        return cls(**values)
+
+
+# The authors' configurations, by the names their runs carry.
+RECIPES = {
+    "resnet18_1w32a_cifar100": Config(model="resnet18", dataset="cifar100"),
+    "vgg16_1w32a_cifar100": Config(model="vgg16", dataset="cifar100"),
+    "resnet18_1w32a_cifar10": Config(model="resnet18", dataset="cifar10"),
+    "vgg16_1w32a_cifar10": Config(model="vgg16", dataset="cifar10"),
+}
+DEFAULT_RECIPE = "resnet18_1w32a_cifar100"
+assert RECIPES[DEFAULT_RECIPE] == Config()
+
+# The settings a run name states after the recipe's own (when they differ from it), by
+# the word the name uses. Settings that do not change the computed function are not named.
+NAMED_IF_CHANGED = {"width": "width", "batch_size": "batch", "warmup_epochs": "warmup",
+                    "momentum": "momentum", "projection": "projection", "bf16": "bf16"}
+
+
+def add_arguments(parser, defaults):
+    """One option per setting, with the values of the Config ``defaults`` as their
+    defaults (None: no defaults, every option left out reads None)."""
+    for f in fields(Config):
+        m = f.metadata
+        options = dict(dest=f.name, default=getattr(defaults, f.name, None), help=m["help"])
+        if isinstance(f.default, bool):
+            options["action"] = "store_true"
+        else:
+            options.update(type=m["type"], choices=m["choices"])
+            if options["type"] is None:
+                del options["type"]
+        parser.add_argument(*m["flags"], **options)
+
+
+def from_args(namespace) -> Config:
+    return Config(**{f.name: getattr(namespace, f.name) for f in fields(Config)})
+
+
+def typed_settings(argv) -> set:
+    """The settings typed on the command line ``argv``, whatever their value (a default
+    typed out counts too: ``--resume run -K 8`` must not quietly resume a K=2 run)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_arguments(probe, None)
+    typed = vars(probe.parse_known_args(argv)[0])
+    return {name for name, value in typed.items() if value is not None}
+
+
+def number(value) -> str:
+    """A setting's value as run names write it: ``100`` for 100.0, ``5e-4`` for 0.0005,
+    ``0.1`` for 0.1 (the shorter of the decimal and the exponent form)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if not isinstance(value, float):
+        return str(value)
+    decimal = repr(value)
+    mantissa, _, exponent = f"{value:e}".partition("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    scientific = f"{mantissa}e{int(exponent)}"
+    return scientific if len(scientific) < len(decimal) else decimal
+
+
+def run_name(recipe: str, cfg: Config, seed="{seed}") -> str:
+    """The name of a benchmark run, as the authors name theirs:
+    ``<recipe>_seed=<s>_benchmark_K=8_S=100_L=40_wd=5e-4_lr=0.1_cos_epochs=500``, then every
+    setting of ``NAMED_IF_CHANGED`` that differs from the recipe, so that such runs are
+    never taken for the paper's (``..._width=8_batch=100``)."""
+    name = (f"{recipe}_seed={seed}_benchmark_K={cfg.K}_S={number(cfg.scale)}_L={cfg.L}"
+            f"_wd={number(cfg.wd)}_lr={number(cfg.lr)}_{cfg.lr_decay}_epochs={cfg.epochs}")
+    base = RECIPES[recipe]
+    for key, word in NAMED_IF_CHANGED.items():
+        if getattr(cfg, key) != getattr(base, key):
+            name += f"_{word}={number(getattr(cfg, key))}"
+    return name
+

@@ -1,0 +1,105 @@
+"""Training and evaluation of a binary network with VISPA: one epoch, one L-sample
+evaluation, one evaluation of the mean network.
+
+The functions take the network, the optimizer and an iterable of (images,
+labels) batches, and return the epoch's loss and accuracies. They know nothing of
+files, signals or progress bars: the caller wraps the batches to show progress or
+to stop early (an iterable that ends early ends the epoch early).
+
+One training step, in this order: the batch -> inside
+``opt.sampled_params(train=True)`` the forward pass on one sign sample of the
+binary weights, the loss, backward (leaving the context turns this sample's weight
+gradient into M and Z gradients) -> ``opt.step()`` -> loss and accuracy
+accumulated on the device (read once, at the end).
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from utils.meters import Accumulator
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def autocast(device, bf16):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def full_precision(logits):
+    """Losses and averages in at least float32, also when the forward pass ran in bf16."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False) -> dict:
+    """One pass over ``batches``, one sample of the binary weights per step. The
+    learning rate of step i is ``lr_at(first_iteration + i)`` (set before the step)."""
+    device = _device(model)
+    model.train()
+    meter = Accumulator(device)
+    for i, (images, labels) in enumerate(batches):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        lr = lr_at(first_iteration + i)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        with opt.sampled_params(train=True):
+            with autocast(device, bf16):
+                logits = model(images)
+            loss = F.cross_entropy(full_precision(logits), labels)
+            loss.backward()
+        opt.step()
+        meter.add(loss, logits, labels)
+    return meter.result()
+
+
+@torch.no_grad()
+def predict(model, opt, images, labels, L, bf16=False):
+    """The released code's protocol for one batch: L passes, each on a fresh sample of
+    every binary tensor. Returns the averaged logits and the mean of the L per-pass
+    losses. The part before the first binary layer (``model.stem``) does not depend
+    on the draws and is computed once."""
+    device = images.device
+    with autocast(device, bf16):
+        features = model.stem(images)
+    logits_sum, loss_sum = 0.0, 0.0
+    for _ in range(L):
+        with opt.sampled_params(), autocast(device, bf16):
+            logits = full_precision(model.body(features))
+        logits_sum = logits_sum + logits
+        loss_sum = loss_sum + F.cross_entropy(logits, labels)
+    return logits_sum / L, loss_sum / L
+
+
+@torch.no_grad()
+def evaluate(model, opt, batches, L, bf16=False) -> dict:
+    """Loss, top-1 and top-5 of the L-sample protocol (``predict``) over ``batches``,
+    BatchNorm on its running statistics."""
+    device = _device(model)
+    model.eval()
+    meter = Accumulator(device)
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits, loss = predict(model, opt, images, labels, L, bf16)
+        meter.add(loss, logits, labels)
+    return meter.result()
+
+
+@torch.no_grad()
+def evaluate_mean(model, opt, batches, bf16=False) -> dict:
+    """The same for the deterministic network b = sign(M): the one binary network to deploy."""
+    device = _device(model)
+    model.eval()
+    meter = Accumulator(device)
+    with opt.mean_params():
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, bf16):
+                logits = full_precision(model(images))
+            meter.add(F.cross_entropy(logits, labels), logits, labels)
+    return meter.result()

@@ -1,0 +1,71 @@
+"""The run config: the paper's recipe as its defaults, the recipes by name, the options
+made from it, the run-name rule of the benchmark scripts."""
+from dataclasses import fields, replace
+
+import pytest
+
+import config
+from config import RECIPES, Config, number, run_name, typed_settings
+
+
+def test_the_defaults_are_the_papers_recipe():
+    """VISPA.md's recipe: K=8, S=100, L=40, lr 0.1, 5 warm-up epochs then cosine, momentum
+    0.9, weight decay 5e-4, batch 256, 500 epochs, the full-width networks."""
+    c = Config()
+    assert (c.K, c.scale, c.L, c.lr, c.warmup_epochs, c.lr_decay, c.momentum, c.wd, c.batch_size,
+            c.epochs, c.width, c.projection) == (8, 100.0, 40, 0.1, 5, "cos", 0.9, 5e-4, 256, 500, 64, "none")
+    assert RECIPES["resnet18_1w32a_cifar100"] == c
+    for name, recipe in RECIPES.items():
+        model, mode, dataset = name.split("_")
+        assert (recipe.model, recipe.dataset, mode) == (model, dataset, "1w32a")
+        assert replace(recipe, model="resnet18", dataset="cifar100") == c
+
+
+def test_the_options_are_made_from_the_config():
+    import argparse
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, RECIPES["vgg16_1w32a_cifar10"])
+    assert config.from_args(parser.parse_args([])) == RECIPES["vgg16_1w32a_cifar10"]
+    parsed = config.from_args(parser.parse_args(["-K", "4", "--scale", "25", "--bf16", "--model",
+                                                 "resnet18_1w32a_cifar"]))
+    assert (parsed.K, parsed.scale, parsed.bf16, parsed.model) == (4, 25.0, True, "resnet18")
+    assert len(parser._actions) == 1 + len(fields(Config))  # --help and one option per setting
+
+
+@pytest.mark.parametrize("argv", [["--lr", "inf"], ["--lr", "nan"], ["-K", "-1"], ["--scale", "0"],
+                                  ["--epochs", "0"], ["--model", "resnet50"]])
+def test_invalid_values_are_refused_by_the_options(argv):
+    import argparse
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, Config())
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+
+
+def test_typed_settings_are_those_on_the_command_line_whatever_their_value():
+    assert typed_settings(["--resume", "x", "-K", "8", "--bf16", "--data_root", "d"]) == {"K", "bf16"}
+    assert typed_settings(["--evaluate", "f.pth"]) == set()
+
+
+def test_a_checkpoints_settings_round_trip_and_unknown_ones_are_refused():
+    c = Config(model="vgg16", width=8, seed=3)
+    assert Config.from_dict(c.to_dict()) == c
+    assert Config.from_dict({"model": "vgg16"}) == Config(model="vgg16")  # older files: defaults
+    with pytest.raises(ValueError, match=r"unknown settings \['colour'\]"):
+        Config.from_dict(dict(c.to_dict(), colour="blue"))
+
+
+@pytest.mark.parametrize("value, written", [(100.0, "100"), (0.1, "0.1"), (5e-4, "5e-4"), (1e-5, "1e-5"),
+                                            (0.5, "0.5"), (0.05, "0.05"), (8, "8"), ("cos", "cos")])
+def test_numbers_are_written_as_the_authors_write_them(value, written):
+    assert number(value) == written
+
+
+def test_run_names_state_the_recipe_and_every_setting_that_differs_from_it():
+    assert run_name("resnet18_1w32a_cifar100", Config(), 2020) == \
+        "resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_S=100_L=40_wd=5e-4_lr=0.1_cos_epochs=500"
+    changed = replace(RECIPES["vgg16_1w32a_cifar10"], K=2, L=2, epochs=2, width=4, batch_size=64,
+                      warmup_epochs=1, bf16=True, eval_batch_size=50, seed=7, workers=1)
+    assert run_name("vgg16_1w32a_cifar10", changed) == (
+        "vgg16_1w32a_cifar10_seed={seed}_benchmark_K=2_S=100_L=2_wd=5e-4_lr=0.1_cos_epochs=2"
+        "_width=4_batch=64_warmup=1_bf16=True")  # what does not change the function is not named

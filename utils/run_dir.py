@@ -1,0 +1,177 @@
+"""A run's files and what they mean: the one place that knows their names and formats.
+
+    results/<name>.txt                  the log, for people; its last line is always
+                                        ``Best Prec@1: <v> (epoch <e>/<E>)`` (utils/runlog.py)
+    results/<name>/config.json          the run's settings (config.Config)
+    results/<name>/metrics.csv          one row per finished epoch, for machines
+    results/<name>/checkpoint.pth.tar   everything the run needs to go on after its last epoch
+    results/<name>/model_best.pth.tar   the best epoch's network and distribution (no momenta)
+    results/<name>/console.log          what a run started by the benchmark scripts printed
+
+Exit statuses of main.py: 0 done; 1 an error (one line on stderr); 2 a bad command
+line; 3 the training diverged; 128 + the signal number after SIGINT / SIGTERM.
+"""
+import csv
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+from utils.runlog import parse_best_line
+
+CHECKPOINT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
+METRICS, CONFIG, CONSOLE = "metrics.csv", "config.json", "console.log"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_stopped(signum):
+    return 128 + signum
+
+
+STOPPED = tuple(exit_stopped(s) for s in STOP_SIGNALS)
+
+# The columns of metrics.csv and how each number is written there (and in the log).
+CSV_FORMATS = {"epoch": "{}", "lr": "{:.6f}", "train_loss": "{:.4f}", "train_prec1": "{:.2f}",
+               "train_prec5": "{:.2f}", "val_loss": "{:.4f}", "val_prec1": "{:.2f}", "val_prec5": "{:.2f}",
+               "mean_prec1": "{:.2f}", "best_prec1": "{:.2f}", "best_epoch": "{}", "seconds": "{:.1f}"}
+CSV_FIELDS = tuple(CSV_FORMATS)
+
+
+def formatted(row: dict) -> dict:
+    """A history row (numbers) as metrics.csv and the log write it."""
+    return {key: fmt.format(row[key]) for key, fmt in CSV_FORMATS.items()}
+
+
+def epoch_line(row: dict, epochs: int, L: int) -> str:
+    """The log's line for one epoch."""
+    r = formatted(row)
+    return (f"Epoch {r['epoch']}/{epochs}  lr {r['lr']}  "
+            f"train loss {r['train_loss']} Prec@1 {r['train_prec1']} Prec@5 {r['train_prec5']}  |  "
+            f"val loss {r['val_loss']} Prec@1 {r['val_prec1']} Prec@5 {r['val_prec5']} (L={L})  |  "
+            f"mean-net Prec@1 {r['mean_prec1']}  |  best {r['best_prec1']} (epoch {r['best_epoch']})  |  "
+            f"{r['seconds']} s")
+
+
+@dataclass
+class RunStatus:
+    """Where a run stands, from its files."""
+    name: str
+    epoch: int            # the last finished epoch (0 before the first one)
+    epochs: int           # the run's length
+    best_prec1: float
+    best_epoch: int
+    mean_prec1: float     # the mean network's top-1 in the best epoch (None if unknown)
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.epochs
+
+
+class RunDir:
+    """The files of the run ``name`` in ``results_dir``."""
+
+    def __init__(self, results_dir: str, name: str):
+        self.results_dir, self.name = results_dir, name
+        self.folder = os.path.join(results_dir, name)
+        self.log = self.folder + ".txt"
+        self.checkpoint = os.path.join(self.folder, CHECKPOINT)
+        self.best = os.path.join(self.folder, BEST)
+        self.metrics = os.path.join(self.folder, METRICS)
+        self.config = os.path.join(self.folder, CONFIG)
+        self.console = os.path.join(self.folder, CONSOLE)
+
+    def holds_run(self) -> bool:
+        """A folder holds a run once a checkpoint is written: a start that failed before
+        (a wrong path, a kill while starting) leaves nothing that must be kept."""
+        return any(os.path.exists(p) for p in (self.checkpoint, self.best))
+
+    def prepare(self, start_over: bool):
+        """Create the folder (or take over an existing one): check that it can be written,
+        remove what writes killed midway left (temporary files) and, with ``start_over``,
+        the previous run's files."""
+        os.makedirs(self.folder, exist_ok=True)
+        probe = os.path.join(self.folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+        leftovers = [os.path.join(self.folder, name) for name in os.listdir(self.folder)
+                     if name.endswith(".tmp") and (name.startswith((f"{METRICS}.", f"{CONFIG}.")) or
+                                                   name.startswith((f".{CHECKPOINT}.", f".{BEST}.")))]
+        if start_over:
+            leftovers += [p for p in (self.checkpoint, self.best, self.metrics, self.config, self.log)
+                          if os.path.exists(p)]
+        for path in leftovers:
+            os.unlink(path)
+
+    def write_metrics(self, history):
+        _write_atomic(self.metrics, lambda f: _write_csv(f, history))
+
+    def write_config(self, settings: dict):
+        _write_atomic(self.config, lambda f: f.write(json.dumps(settings, indent=1) + "\n"))
+
+    def read_metrics(self) -> list:
+        """The rows of metrics.csv with numbers for numbers."""
+        with open(self.metrics, newline="") as f:
+            return [{key: (int(value) if CSV_FORMATS[key] == "{}" else float(value))
+                     for key, value in row.items()} for row in csv.DictReader(f)]
+
+    def status(self):
+        """The RunStatus from metrics.csv and config.json (an older run without
+        config.json: the run's length from the log's last line); None if the folder
+        holds no metrics."""
+        try:
+            rows = self.read_metrics()
+        except (OSError, KeyError, ValueError):
+            return None
+        epochs = None
+        try:
+            with open(self.config) as f:
+                epochs = int(json.load(f)["epochs"])
+        except (OSError, KeyError, ValueError, TypeError):
+            best = _last_line(self.log)
+            epochs = best[2] if best else None
+        if epochs is None:
+            return None
+        if not rows:
+            return RunStatus(self.name, 0, epochs, 0.0, 0, None)
+        last = rows[-1]
+        at_best = next((r for r in rows if r["epoch"] == last["best_epoch"]), None)
+        return RunStatus(self.name, last["epoch"], epochs, last["best_prec1"], last["best_epoch"],
+                         at_best["mean_prec1"] if at_best else None)
+
+
+def run_dir_of(checkpoint_or_folder: str) -> RunDir:
+    """The RunDir that holds a checkpoint file, or the one that is this folder."""
+    path = os.path.abspath(checkpoint_or_folder)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    return RunDir(os.path.dirname(folder), os.path.basename(folder))
+
+
+def _write_csv(f, history):
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(formatted(row) for row in history)
+
+
+def _write_atomic(path, write):
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _last_line(path):
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return parse_best_line(lines[-1]) if lines else None
