@@ -28,7 +28,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -330,31 +330,72 @@ def resume_command(args, run):
     return " ".join(shlex.quote(word) for word in words)
 
 
-def train(args, cfg, typed, device):
-    resumed, path = None, None
-    if args.resume is not None:
-        path, run = resume_target(args)
-        resumed = checkpoint.load(path, map_location=device)
-        if resumed.get("format") != checkpoint.FORMAT:
-            raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
-                                  f"checkpoints can be resumed")
-        saved = saved_config(resumed, path, "resumed")
-        different = conflicts(cfg, saved, typed, [k for k in typed])
-        if different:
-            raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(different) +
-                                  "; a resumed run keeps its settings (leave these options out)")
-        cfg = saved
-        if resumed["epoch"] >= cfg.epochs:
-            print(f"{path}: the run is finished; "
-                  f"{best_line(resumed['best_prec1'], resumed['best_epoch'], cfg.epochs)}")
-            return EXIT_OK
-    else:
+@dataclass
+class Progress:
+    """What a run has reached: one row of metrics per finished epoch, and its best epoch."""
+    history: list = field(default_factory=list)
+    best_prec1: float = 0.0
+    best_epoch: int = 0
+
+    def record(self, epoch, lr, trained, val, mean, seconds) -> bool:
+        """Add the epoch's row; True if its L-sample top-1 is the best so far."""
+        is_best = self.best_epoch == 0 or val["prec1"] > self.best_prec1
+        if is_best:
+            self.best_prec1, self.best_epoch = val["prec1"], epoch
+        self.history.append({
+            "epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_prec1": trained["prec1"],
+            "train_prec5": trained["prec5"], "val_loss": val["loss"], "val_prec1": val["prec1"],
+            "val_prec5": val["prec5"], "mean_prec1": mean["prec1"], "best_prec1": self.best_prec1,
+            "best_epoch": self.best_epoch, "seconds": seconds})
+        return is_best
+
+
+def open_run(args, cfg, typed, device):
+    """The run to train: (its config, its folder, the checkpoint it continues from and
+    that file's path, or None, None for a new run). Refuses what would lose a run."""
+    if args.resume is None:
         if cfg.seed is None:
             cfg = replace(cfg, seed=int.from_bytes(os.urandom(4), "little"))
         run = RunDir(args.results_dir, args.save or f"{cfg.model}_{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}")
         if run.holds_run() and not args.overwrite:
             raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
                              f"start it over with --overwrite, or choose another --save")
+        return cfg, run, None, None
+    path, run = resume_target(args)
+    resumed = checkpoint.load(path, map_location=device)
+    if resumed.get("format") != checkpoint.FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
+                              f"checkpoints can be resumed")
+    saved = saved_config(resumed, path, "resumed")
+    different = conflicts(cfg, saved, typed, sorted(typed))
+    if different:
+        raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(different) +
+                              "; a resumed run keeps its settings (leave these options out)")
+    return saved, run, resumed, path
+
+
+def open_log(run, cfg, resumed, path, device, steps):
+    """The run's log and Progress: new, or cut back to where the checkpoint was written."""
+    if resumed is None:
+        log = RunLog(run.log, cfg.epochs)
+        log.write(f"VISPA run {run.name}: {' '.join(sys.argv)}")
+        log.write("Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        log.write(f"Device: {device}; {steps} training steps per epoch")
+        return log, Progress()
+    progress = Progress(list(resumed["history"]), resumed["best_prec1"], resumed["best_epoch"])
+    log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
+    log = RunLog(run.log, cfg.epochs, offset=min(resumed["log_offset"], log_size))
+    log.set_best(progress.best_prec1, progress.best_epoch)
+    log.write(f"Resumed from {path} at epoch {resumed['epoch']}/{cfg.epochs}")
+    return log, progress
+
+
+def train(args, cfg, typed, device):
+    cfg, run, resumed, path = open_run(args, cfg, typed, device)
+    if resumed is not None and resumed["epoch"] >= cfg.epochs:
+        print(f"{path}: the run is finished; "
+              f"{best_line(resumed['best_prec1'], resumed['best_epoch'], cfg.epochs)}")
+        return EXIT_OK
 
     # Everything that can fail on bad input fails before the first file is written.
     seed_everything(cfg.seed)
@@ -373,36 +414,26 @@ def train(args, cfg, typed, device):
 
     if resumed is not None:
         checkpoint.set_rng_states(resumed["rng"], device)
-        start, history = resumed["epoch"], list(resumed["history"])
-        best_prec1, best_epoch = resumed["best_prec1"], resumed["best_epoch"]
-        log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
-        log = RunLog(run.log, cfg.epochs, offset=min(resumed["log_offset"], log_size))
-        log.set_best(best_prec1, best_epoch)
-        log.write(f"Resumed from {path} at epoch {start}/{cfg.epochs}")
-    else:
-        start, history, best_prec1, best_epoch = 0, [], 0.0, 0
-        log = RunLog(run.log, cfg.epochs)
-        log.write(f"VISPA run {run.name}: {' '.join(sys.argv)}")
-        log.write("Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-        log.write(f"Device: {device}; {steps} training steps per epoch")
+    start = 0 if resumed is None else resumed["epoch"]
+    log, progress = open_log(run, cfg, resumed, path, device, steps)
     run.write_config(cfg.to_dict())
 
-    def snapshot(epoch):
+    def snapshot(epoch, best=False):
+        """The checkpoint of the moment: everything the run needs to go on (model_best:
+        the distribution without its momenta)."""
+        optimizer = opt.state_dict()
         return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": cfg.to_dict(),
-                "run": run.name, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "best_prec1": best_prec1, "best_epoch": best_epoch, "history": history,
-                "rng": checkpoint.rng_states(device), "log_offset": log.offset}
-
-    def best_snapshot(epoch):
-        state = snapshot(epoch)
-        return dict(state, optimizer=without_momenta(state["optimizer"]))
+                "run": run.name, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": without_momenta(optimizer) if best else optimizer,
+                "best_prec1": progress.best_prec1, "best_epoch": progress.best_epoch,
+                "history": progress.history, "rng": checkpoint.rng_states(device), "log_offset": log.offset}
 
     if resumed is None:
         checkpoint.save_atomic(snapshot(0), run.checkpoint)  # a stop in epoch 1 can resume too
-    elif best_epoch == start and start > 0:  # the stop may have come before model_best was written
-        checkpoint.save_atomic(best_snapshot(start), run.best)
+    elif progress.best_epoch == start > 0:  # the stop may have come before model_best was written
+        checkpoint.save_atomic(snapshot(start, best=True), run.best)
     del resumed
-    run.write_metrics(history)
+    run.write_metrics(progress.history)
 
     saver = checkpoint.BackgroundSaver()  # the per-epoch checkpoints are written while training goes on
     stop = StopRequest()
@@ -411,8 +442,7 @@ def train(args, cfg, typed, device):
             began = time.time()
             trained = engine.train_one_epoch(model, opt, stop.watch(train_batches, "train"), lr_at,
                                              (epoch - 1) * steps, cfg.bf16)
-            if stop.signum is None:
-                val = engine.evaluate(model, opt, stop.watch(test_batches, f"eval L={cfg.L}"), cfg.L, cfg.bf16)
+            val = engine.evaluate(model, opt, stop.watch(test_batches, f"eval L={cfg.L}"), cfg.L, cfg.bf16)
             if stop.signum is not None:
                 saver.wait()
                 log.write(f"Stopped by {signal.Signals(stop.signum).name} during epoch {epoch}/{cfg.epochs}; "
@@ -428,22 +458,13 @@ def train(args, cfg, typed, device):
                 log.write(f"Stopped: {message}", echo=False)
                 print(f"error: {message}", file=sys.stderr)
                 return EXIT_DIVERGED
-            is_best = best_epoch == 0 or val["prec1"] > best_prec1
-            if is_best:
-                best_prec1, best_epoch = val["prec1"], epoch
-            history.append({
-                "epoch": epoch, "lr": lr_at(epoch * steps - 1),
-                "train_loss": trained["loss"], "train_prec1": trained["prec1"], "train_prec5": trained["prec5"],
-                "val_loss": val["loss"], "val_prec1": val["prec1"], "val_prec5": val["prec5"],
-                "mean_prec1": mean["prec1"], "best_prec1": best_prec1, "best_epoch": best_epoch,
-                "seconds": time.time() - began})
-            log.write(epoch_line(history[-1], cfg.epochs, cfg.L))
-            log.set_best(best_prec1, best_epoch)
-            run.write_metrics(history)
-            jobs = [(snapshot(epoch), run.checkpoint)] + ([(best_snapshot(epoch), run.best)] if is_best else [])
-            saver.submit(jobs)
+            is_best = progress.record(epoch, lr_at(epoch * steps - 1), trained, val, mean, time.time() - began)
+            log.write(epoch_line(progress.history[-1], cfg.epochs, cfg.L))
+            log.set_best(progress.best_prec1, progress.best_epoch)
+            run.write_metrics(progress.history)
+            saver.submit([(snapshot(epoch), run.checkpoint)] + [(snapshot(epoch, best=True), run.best)] * is_best)
         saver.wait()
-        print(best_line(best_prec1, best_epoch, cfg.epochs))
+        print(best_line(progress.best_prec1, progress.best_epoch, cfg.epochs))
         return EXIT_OK
     finally:
         stop.restore()
