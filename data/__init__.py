@@ -6,6 +6,7 @@ augmentation, where its files are) and batches of it on the training device.
     loader = spec.loader(images, labels, batch_size=256, train=True, device=device)
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -26,15 +27,13 @@ class Dataset:
     image_size: int
     mean: tuple
     std: tuple
-    padding: int              # training augmentation: random crop after zero padding, and flip
-    read_split: Callable      # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
+    read_split: Callable        # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
+    augment: Callable           # the training augmentation on the device: uint8 batch -> uint8 batch
+    reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
 
     def read(self, root: str, split: str):
         """(images, labels) of the "train" or "test" split; DatasetError if missing or unreadable."""
         return self.read_split(root, self.name, split)
-
-    def augment(self, images):
-        return random_crop_flip(images, self.padding)
 
     def loader(self, images, labels, batch_size, train, device, memory_format=torch.contiguous_format):
         """Batches on ``device`` (see DeviceLoader), augmented when ``train``."""
@@ -44,10 +43,17 @@ class Dataset:
     def reference_loader(self, images, labels, batch_size, train, workers):
         """The same batches from the authors' pipeline (torchvision, PIL, workers)."""
         return torchvision_loader(images, labels, batch_size, train, workers, self.mean, self.std,
-                                  self.padding)
+                                  self.reference_augment() if train else [])
 
 
+def _cifar_reference_augment():
+    import torchvision.transforms as T
+    return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+
+
+_cifar = dict(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, read_split=read_cifar,
+              augment=partial(random_crop_flip, padding=4), reference_augment=_cifar_reference_augment)
 DATASETS = {
-    "cifar10": Dataset("cifar10", 10, 32, IMAGENET_MEAN, IMAGENET_STD, 4, read_cifar),
-    "cifar100": Dataset("cifar100", 100, 32, IMAGENET_MEAN, IMAGENET_STD, 4, read_cifar),
+    "cifar10": Dataset("cifar10", 10, **_cifar),
+    "cifar100": Dataset("cifar100", 100, **_cifar),
 }

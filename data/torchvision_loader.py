@@ -20,18 +20,16 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.pixels[i])), self.labels[i]
 
 
-def torchvision_loader(images, labels, batch_size, train, workers, mean, std, padding):
-    """Training: ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``, shuffled;
-    both splits ``ToTensor()`` + ``Normalize(mean, std)``.
+def torchvision_loader(images, labels, batch_size, train, workers, mean, std, augment):
+    """Batches of ``augment`` (a list of torchvision transforms of PIL images; empty for
+    the test split), then ``ToTensor()`` + ``Normalize(mean, std)``; shuffled for training.
 
     The workers are started anew every epoch (not persistent): each epoch seeds
     them from the main process's random state, which a checkpoint holds, so a
     resumed run draws the same augmentations as an uninterrupted one."""
     import torchvision.transforms as T
 
-    size = tuple(images.shape[-2:])
-    steps = [T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()] if train else []
-    transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+    transform = T.Compose(list(augment) + [T.ToTensor(), T.Normalize(mean, std)])
     drop_last = train and len(labels) % batch_size == 1 and len(labels) > 1
     return torch.utils.data.DataLoader(PILDataset(images, labels, transform), batch_size=batch_size,
                                        shuffle=train, num_workers=workers,

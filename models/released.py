@@ -105,7 +105,8 @@ def from_released(state_dict, model) -> Released:
 
 
 def to_released(model, distributions, samples=False) -> dict:
-    """The released layout (``module.`` prefix, the authors' key order) of ``model`` with
+    """The released layout (``module.`` prefix, the authors' key order: Alpha, bias, M, Z
+    within a binary layer) of ``model`` with
     the distributions ``{binary weight name: (M, Z)}``. ``samples=True`` adds the zero
     ``.sample`` of the code of 2024; a factor with K = 0 is left out, as in the
     "without Z" files."""
@@ -117,12 +118,14 @@ def to_released(model, distributions, samples=False) -> dict:
         if layer in layers and leaf == "weight":
             M, Z = distributions[name]
             state[f"{PREFIX}{layer}.Alpha"] = own[f"{layer}.alpha"]
+            if f"{layer}.bias" in own:
+                state[f"{PREFIX}{layer}.bias"] = own[f"{layer}.bias"]
             state[f"{PREFIX}{layer}.M"] = M
             if Z.shape[0] > 0:
                 state[f"{PREFIX}{layer}.Z"] = Z
                 if samples:
                     state[f"{PREFIX}{layer}.sample"] = M.new_zeros(1, Z.shape[0])
-        elif not (layer in layers and leaf == "alpha"):
+        elif not (layer in layers and leaf in ("alpha", "bias")):
             state[PREFIX + name] = tensor
     return state
 

@@ -22,7 +22,7 @@ def read_cifar(root, name):
 def test_registry_knows_each_datasets_classes_size_and_normalisation():
     for name, classes in (("cifar10", 10), ("cifar100", 100)):
         spec = DATASETS[name]
-        assert (spec.num_classes, spec.image_size, spec.mean, spec.std, spec.padding) == (classes, 32, MEAN, STD, 4)
+        assert (spec.num_classes, spec.image_size, spec.mean, spec.std) == (classes, 32, MEAN, STD)
 
 
 def random_arrays(n_train, n_test, classes, seed=0):

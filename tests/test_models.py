@@ -103,3 +103,53 @@ def test_aliases_of_the_released_code_name_the_same_networks():
     assert {canonical_name(a) for a in ALIASES} == {"resnet18", "vgg16"}
     with pytest.raises(ValueError, match="unknown model"):
         canonical_name("resnet50")
+
+
+# ---- the 1W1A parts ---------------------------------------------------------------------------
+
+def test_sign_activation_forward_and_its_straight_through_gradient():
+    """Forward sign(x) with sign(0) = 0; backward g * max(0, 2 - 2|x|), derived by hand at
+    points inside, on the edge of and outside [-1, 1], in float64."""
+    from models.binary import sign_activation
+    x = torch.tensor([-1.5, -1.0, -0.75, -0.25, 0.0, 0.1, 0.5, 1.0, 2.0], dtype=torch.float64,
+                     requires_grad=True)
+    g = torch.linspace(-2, 3, 9, dtype=torch.float64)
+    y = sign_activation(x)
+    assert y.tolist() == [-1, -1, -1, -1, 0, 1, 1, 1, 1]
+    y.backward(g)
+    slope = [0.0, 0.0, 0.5, 1.5, 2.0, 1.8, 1.0, 0.0, 0.0]  # 2 - 2|x|, clipped at 0
+    np.testing.assert_allclose(x.grad.numpy(), g.numpy() * np.array(slope), rtol=1e-15, atol=0)
+
+
+def test_a_1w1a_layer_binarises_its_input_and_adds_its_bias_before_the_scale():
+    """out = (conv(sign(x), b) + bias) * alpha, against loops in float64; the weight's
+    gradient is the identity straight-through (dLoss/db), the input's the clipped one."""
+    torch.manual_seed(4)
+    layer = BinaryConv2d(2, 3, 3, padding=1, bias=True, binarize_input=True).double()
+    assert 0 <= layer.bias.min() and layer.bias.max() <= 1
+    VISPA(layer.parameters(), lr=0.1, K=2)
+    b = layer.weight.detach().numpy()
+    alpha, bias = layer.alpha.detach().numpy().reshape(3), layer.bias.detach().numpy()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    padded = np.pad(np.sign(x.detach().numpy()[0]), ((0, 0), (1, 1), (1, 1)))
+    expected = np.array([[[alpha[o] * (bias[o] + sum(b[o, c, u, v] * padded[c, i + u, j + v]
+                                                      for c in range(2) for u in range(3) for v in range(3)))
+                           for j in range(4)] for i in range(4)] for o in range(3)])
+    out = layer(x)
+    np.testing.assert_allclose(out[0].detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    slope = np.clip(2 - 2 * np.abs(x.detach().numpy()), 0, None)
+    # d out / d sign(x) summed over outputs: sum_o alpha_o * sum of b over the taps that see the pixel
+    through = torch.nn.functional.conv_transpose2d(torch.ones(1, 3, 4, 4, dtype=torch.float64) *
+                                                   layer.alpha.detach().view(1, 3, 1, 1),
+                                                   layer.weight.detach(), padding=1).numpy()
+    np.testing.assert_allclose(x.grad.numpy(), through * slope, rtol=1e-12, atol=1e-12)
+
+
+def test_a_1x1_layer_on_features_is_a_linear_layer():
+    torch.manual_seed(5)
+    layer = BinaryConv2d(6, 4, 1, bias=True).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = (x @ layer.weight.detach().view(4, 6).T + layer.bias.detach()) * layer.alpha.detach().view(4)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x.view(3, 6, 1, 1)).view(3, 4), expected, rtol=1e-12, atol=1e-12)
