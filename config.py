@@ -13,8 +13,9 @@ from data import DATASETS
 from models import ALIASES, MODELS, canonical_name
 
 
-def _number(kind, low=None, above=None):
-    """An argparse type: a finite ``kind`` >= ``low`` (or > ``above``), with a message that says so."""
+def _number(kind, low=None, above=None, high=None):
+    """An argparse type: a finite ``kind`` >= ``low`` (or > ``above``) and <= ``high``, with a
+    message that says so."""
     def parse(text):
         try:
             value = kind(text)
@@ -27,6 +28,8 @@ def _number(kind, low=None, above=None):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         if above is not None and not value > above:
             raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        if high is not None and not value <= high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value
     return parse
 
@@ -52,8 +55,8 @@ class Config:
                           help="width of the first layer (64 = the paper's networks; smaller for quick "
                                "experiments)")
     epochs: int = _setting(500, "--epochs", type=_number(int, low=1), help="training epochs")
-    batch_size: int = _setting(256, "-b", "--batch-size", type=_number(int, low=1),
-                               help="training batch size")
+    batch_size: int = _setting(256, "-b", "--batch-size", type=_number(int, low=2),
+                               help="training batch size (BatchNorm needs at least 2 images)")
     eval_batch_size: int = _setting(1000, "--eval-batch-size", type=_number(int, low=1),
                                     help="test batch size; evaluation uses BatchNorm's running "
                                          "statistics, so it computes the same function for any value")
@@ -76,7 +79,7 @@ class Config:
                                help="'sphere' rescales every entry to M_i^2 + |Z_i|^2/S = 1 after each "
                                     "step, the paper's constraint; the released code (and the published "
                                     "numbers) do not")
-    seed: int = _setting(None, "--seed", type=_number(int),
+    seed: int = _setting(None, "--seed", type=_number(int, low=0, high=2**63 - 1),
                          help="random seed (default: drawn at random and logged)")
     bf16: bool = _setting(False, "--bf16",
                           help="bfloat16 autocast for the forward passes (faster on GPUs). The binary "
@@ -99,13 +102,36 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """The config a checkpoint stored. Settings it does not name keep their defaults
-        (a file of an older version); a name this version does not know is an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The config a checkpoint stored, checked as the command line checks its options.
+        Settings it does not name keep their defaults (a file of an older version); a
+        name this version does not know, or a value its option would refuse, is a
+        ValueError."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown settings {unknown}")
+        for name, value in values.items():
+            _check(known[name], value)
         return cls(**values)
+
+
+def _check(f, value):
+    """ValueError unless ``value`` is what the option of field ``f`` would give."""
+    m, default = f.metadata, f.default
+    if value is None and default is None:
+        return
+    kind = type(default) if default is not None else int
+    if type(value) is not kind and not (kind is float and type(value) is int):
+        raise ValueError(f"{f.name} must be a {kind.__name__}, got {value!r}")
+    if m["choices"] is not None and value not in m["choices"]:
+        raise ValueError(f"{f.name} must be one of {m['choices']}, got {value!r}")
+    if m["type"] is not None:
+        try:
+            parsed = m["type"](str(value))
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{f.name} {error}") from None
+        if parsed != value:
+            raise ValueError(f"{f.name} must be {parsed!r}, got {value!r}")
 
 
 # The authors' configurations, by the names their runs carry.

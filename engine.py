@@ -103,3 +103,13 @@ def evaluate_mean(model, opt, batches, bf16=False) -> dict:
                 logits = full_precision(model(images))
             meter.add(F.cross_entropy(logits, labels), logits, labels)
     return meter.result()
+
+
+@torch.no_grad()
+def state_is_finite(model, opt) -> bool:
+    """Whether every parameter and buffer of the network and every tensor of the
+    optimizer's state (M, Z, momenta) is finite: one host sync for all of them."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(checks).all()) if checks else True

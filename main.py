@@ -41,8 +41,8 @@ from models import build_model, released
 from optim import VISPA, learning_rate
 from utils import checkpoint
 from utils.checkpoint import CheckpointError
-from utils.run_dir import (EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, RunDir, epoch_line, exit_stopped,
-                           run_dir_of)
+from utils.run_dir import (EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, RunDir, RunInUse, epoch_line,
+                           exit_stopped, run_dir_of)
 from utils.runlog import RunLog, best_line
 
 
@@ -71,11 +71,17 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
       help="evaluate a checkpoint on the test set (ours, or the authors' released layout with "
            "--model/--dataset naming the network; K is read from the file) and exit")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
-      help="continue a run from its checkpoint: a checkpoint file, a run folder, or nothing "
-           "for the folder of --save")
+      help="continue a run from its latest checkpoint: the run folder, its checkpoint.pth.tar, or "
+           "nothing for the folder of --save")
+    a("--rewind", action="store_true",
+      help="with --resume FILE: go back to the epoch of FILE (the run's model_best.pth.tar, say), "
+           "discarding the run's later epochs")
+    a("--fork", action="store_true",
+      help="with --resume FILE --save NAME: start the new run NAME from the state in FILE, with its "
+           "settings except those given; nothing outside NAME's own files is written")
     a("--overwrite", action="store_true", help="start over in a --save folder that already holds a run")
     a("--demo", action="store_true",
-      help="a one-minute run of the whole pipeline on a small generated dataset, on the CPU")
+      help="a half-minute run of the whole pipeline on a small generated dataset, on the CPU")
     return p
 
 
@@ -96,8 +102,15 @@ def check_combinations(args, typed):
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it over")
     if args.resume is not None and args.recipe is not None:
         raise UsageError("a resumed run keeps the settings of its checkpoint: leave --recipe out")
-    if args.save is not None and not args.save.strip("/. "):
-        raise UsageError(f"--save needs a run name, got {args.save!r}")
+    if args.save is not None and (not args.save.strip(". ") or "/" in args.save or args.save.startswith(".")):
+        raise UsageError(f"--save takes a run name (a folder name in --results_dir, without '/' and not "
+                         f"starting with '.'), got {args.save!r}")
+    if (args.rewind or args.fork) and not args.resume:
+        raise UsageError("--rewind and --fork go with --resume FILE, the checkpoint to start from")
+    if args.rewind and args.fork:
+        raise UsageError("--rewind and --fork exclude each other: go back in the same run, or start a new one")
+    if args.fork and args.save is None:
+        raise UsageError("--fork needs --save NAME, the name of the new run")
 
 
 DEMO = Config(model="resnet18", dataset="cifar10", width=16, epochs=5, batch_size=64,
@@ -193,9 +206,14 @@ def saved_config(ckpt, path, purpose):
     refused. VGG16 files of format 1 compute the same function and may be evaluated, but
     their draws came from another generator: they cannot be resumed exactly."""
     version = ckpt.get("version", 1)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: its format version {version!r} is not a number")
+    require(ckpt, path, ("config",))
     if version > checkpoint.VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this program "
                               f"(checkpoint format {version}; this one reads up to {checkpoint.VERSION})")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path}: its settings are not a dict")
     settings = dict(ckpt["config"])
     if version == 1:
         settings.pop("save", None)
@@ -235,6 +253,7 @@ def evaluate_file(args, cfg, typed, device):
     note = ""
     if ckpt.get("format") == checkpoint.FORMAT:
         saved = saved_config(ckpt, path, "evaluated")
+        require(ckpt, path, ("epoch", "model", "optimizer"))
         different = conflicts(cfg, saved, typed, ("model", "dataset", "width", "K"))
         if different:
             raise CheckpointError(f"{path} holds another network than the one asked for: " +
@@ -314,10 +333,43 @@ def resume_target(args):
     if not args.resume and not args.save:
         raise UsageError("--resume without a path needs --save <run name> (or give the run folder)")
     target = args.resume or os.path.join(args.results_dir, args.save)
+    if args.fork:
+        return target, RunDir(args.results_dir, args.save)
     run = run_dir_of(target)
     if args.save is not None and args.resume and args.save != run.name:
-        raise UsageError(f"--resume {args.resume} continues the run {run.name!r}, not --save {args.save!r}")
+        raise UsageError(f"--resume {args.resume} continues the run {run.name!r}, not --save {args.save!r} "
+                         f"(to start a new run from it, add --fork)")
     return (run.checkpoint if os.path.isdir(target) else target), run
+
+
+def check_continuation(args, resumed, path, run):
+    """Resume only from the run's own latest checkpoint. Another file (an earlier epoch,
+    model_best, a copy kept elsewhere) would silently throw epochs away or write beside
+    the copy: refused, unless --rewind or --fork says what is meant."""
+    if args.fork:
+        if run.holds_run():
+            raise UsageError(f"{run.folder} already holds a run: --fork starts a new run; choose another --save")
+        return
+    owner = resumed.get("run")
+    if owner != run.name:
+        raise CheckpointError(f"{path} is a checkpoint of the run {owner!r}, kept in the folder {run.name!r}: a "
+                              f"copy or a renamed folder, whose log would be {run.log}. To go on from it, start "
+                              f"a new run with --fork --save NAME")
+    if os.path.abspath(path) == os.path.abspath(run.checkpoint) or args.rewind:
+        return
+    latest = checkpoint_epoch(run.checkpoint)
+    later = f"its checkpoint.pth.tar is at epoch {latest}" if latest is not None else "it has no checkpoint.pth.tar"
+    raise CheckpointError(f"{path} is not the latest checkpoint of the run {run.name!r} (it is at epoch "
+                          f"{resumed['epoch']}; {later}): resuming from it would discard what came after. "
+                          f"Add --rewind to go back to it, or --fork --save NAME to start a new run from it")
+
+
+def checkpoint_epoch(path):
+    """The epoch a checkpoint file records, read without loading its tensors (None if unreadable)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return None
 
 
 def resume_command(args, run):
@@ -357,9 +409,7 @@ def open_run(args, cfg, typed, device):
         if cfg.seed is None:
             cfg = replace(cfg, seed=int.from_bytes(os.urandom(4), "little"))
         run = RunDir(args.results_dir, args.save or f"{cfg.model}_{cfg.dataset}_{time.strftime('%Y%m%d-%H%M%S')}")
-        if run.holds_run() and not args.overwrite:
-            raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
-                             f"start it over with --overwrite, or choose another --save")
+        refuse_to_start_over(args, run)
         return cfg, run, None, None
     path, run = resume_target(args)
     resumed = checkpoint.load(path, map_location=device)
@@ -367,11 +417,33 @@ def open_run(args, cfg, typed, device):
         raise CheckpointError(f"{path} is not a checkpoint of this program; only our own "
                               f"checkpoints can be resumed")
     saved = saved_config(resumed, path, "resumed")
+    require(resumed, path, RESUME_KEYS)
+    check_continuation(args, resumed, path, run)
+    if args.fork:  # a new run: the settings given change those of the file
+        return replace(saved, **{key: getattr(cfg, key) for key in typed}), run, resumed, path
     different = conflicts(cfg, saved, typed, sorted(typed))
     if different:
         raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(different) +
                               "; a resumed run keeps its settings (leave these options out)")
     return saved, run, resumed, path
+
+
+def refuse_to_start_over(args, run):
+    if run.holds_run() and not args.overwrite:
+        raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
+                         f"start it over with --overwrite, or choose another --save")
+
+
+RESUME_KEYS = ("config", "run", "epoch", "model", "optimizer", "best_prec1", "best_epoch", "history",
+               "rng", "log_offset")
+
+
+def require(ckpt, path, keys):
+    """CheckpointError naming what a checkpoint of ours lacks (a damaged or hand-made file)."""
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint of this program: it has no "
+                              f"{', '.join(repr(k) for k in missing)}")
 
 
 def open_log(run, cfg, resumed, path, device, steps):
@@ -383,11 +455,36 @@ def open_log(run, cfg, resumed, path, device, steps):
         log.write(f"Device: {device}; {steps} training steps per epoch")
         return log, Progress()
     progress = Progress(list(resumed["history"]), resumed["best_prec1"], resumed["best_epoch"])
-    log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
-    log = RunLog(run.log, cfg.epochs, offset=min(resumed["log_offset"], log_size))
+    if resumed.get("run") != run.name:  # --fork: a new log
+        log = RunLog(run.log, cfg.epochs)
+        log.write(f"VISPA run {run.name}: {' '.join(sys.argv)}")
+        how = f"Forked from {path} (run {resumed.get('run')}) at epoch {resumed['epoch']}/{cfg.epochs}"
+    else:
+        log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
+        log = RunLog(run.log, cfg.epochs, offset=min(resumed["log_offset"], log_size))
+        how = (f"Resumed from {path} at epoch {resumed['epoch']}/{cfg.epochs}"
+               if os.path.abspath(path) == run.checkpoint else
+               f"Rewound to epoch {resumed['epoch']}/{cfg.epochs} from {path}")
+    if resumed["epoch"] > 0 and not has_momenta(resumed["optimizer"]):
+        how += " (it holds no momenta: they start again from zero)"
     log.set_best(progress.best_prec1, progress.best_epoch)
-    log.write(f"Resumed from {path} at epoch {resumed['epoch']}/{cfg.epochs}")
+    log.write(how)
     return log, progress
+
+
+def has_momenta(optimizer_state):
+    return any("M_momentum" in entry for entry in optimizer_state["state"].values())
+
+
+def check_sizes(cfg, train_labels, test_labels, root):
+    """What would fail only once the run is under way (an empty split, a training set
+    smaller than two images) fails here, before anything is written."""
+    if len(train_labels) < 2:
+        raise DatasetError(f"the training set of {cfg.dataset} in {root} has {len(train_labels)} "
+                           f"image{'s' if len(train_labels) != 1 else ''}: BatchNorm needs batches of at least "
+                           f"2 (download the dataset again?)")
+    if len(test_labels) == 0:
+        raise DatasetError(f"the test set of {cfg.dataset} in {root} has no images (download the dataset again?)")
 
 
 def train(args, cfg, typed, device):
@@ -400,14 +497,20 @@ def train(args, cfg, typed, device):
     # Everything that can fail on bad input fails before the first file is written.
     seed_everything(cfg.seed)
     dataset = DATASETS[cfg.dataset]
-    train_batches = loader(cfg, *dataset.read(args.data_root, "train"), True, device)
-    test_batches = loader(cfg, *dataset.read(args.data_root, "test"), False, device)
+    train_images, train_labels = dataset.read(args.data_root, "train")
+    test_images, test_labels = dataset.read(args.data_root, "test")
+    check_sizes(cfg, train_labels, test_labels, args.data_root)
+    train_batches = loader(cfg, train_images, train_labels, True, device)
+    test_batches = loader(cfg, test_images, test_labels, False, device)
     model, opt = build(cfg, device)
     if resumed is not None:
         load_ours(model, opt, resumed, path)
     steps = len(train_batches)
     lr_at = lambda it: learning_rate(it, cfg.lr, cfg.warmup_epochs * steps, cfg.epochs * steps, cfg.lr_decay)
     try:
+        run.lock()  # held until the process ends: a second writer of this run is refused
+        if resumed is None:
+            refuse_to_start_over(args, run)  # again, now that no one else can start it
         run.prepare(start_over=args.overwrite and resumed is None)
     except OSError as error:
         raise UsageError(f"cannot write to {run.folder}: {error.strerror or error}") from None
@@ -428,9 +531,9 @@ def train(args, cfg, typed, device):
                 "best_prec1": progress.best_prec1, "best_epoch": progress.best_epoch,
                 "history": progress.history, "rng": checkpoint.rng_states(device), "log_offset": log.offset}
 
-    if resumed is None:
-        checkpoint.save_atomic(snapshot(0), run.checkpoint)  # a stop in epoch 1 can resume too
-    elif progress.best_epoch == start > 0:  # the stop may have come before model_best was written
+    if resumed is None or os.path.abspath(path) != run.checkpoint:  # new, forked or rewound:
+        checkpoint.save_atomic(snapshot(start), run.checkpoint)    # this is the run's latest state
+    if progress.best_epoch == start > 0:  # the stop may have come before model_best was written
         checkpoint.save_atomic(snapshot(start, best=True), run.best)
     del resumed
     run.write_metrics(progress.history)
@@ -450,11 +553,11 @@ def train(args, cfg, typed, device):
                           f"{resume_command(args, run)}")
                 return exit_stopped(stop.signum)
             mean = engine.evaluate_mean(model, opt, test_batches, cfg.bf16)
-            if not (math.isfinite(trained["loss"]) and math.isfinite(val["loss"])):
-                saver.wait()
-                message = (f"training diverged in epoch {epoch} (train loss {trained['loss']}, "
-                           f"val loss {val['loss']}): stopped. The last good checkpoint (epoch "
-                           f"{epoch - 1}) is {run.checkpoint}; try a lower --lr")
+            saver.wait()  # the last epoch's checkpoint is on disk (or its failure raised) before this one is logged
+            diverged = diverged_because(trained, val, model, opt)
+            if diverged:
+                message = (f"training diverged in epoch {epoch} ({diverged}): stopped. The last good checkpoint "
+                           f"(epoch {epoch - 1}) is {run.checkpoint}; try a lower --lr or another --scale")
                 log.write(f"Stopped: {message}", echo=False)
                 print(f"error: {message}", file=sys.stderr)
                 return EXIT_DIVERGED
@@ -466,12 +569,40 @@ def train(args, cfg, typed, device):
         saver.wait()
         print(best_line(progress.best_prec1, progress.best_epoch, cfg.epochs))
         return EXIT_OK
+    except CheckpointError as error:  # a checkpoint could not be written: the log and metrics go back to the last one
+        back_to_last_checkpoint(run, log, progress)
+        log.write(f"Stopped: {error}", echo=False)
+        raise
     finally:
         stop.restore()
         try:
             saver.wait()  # a checkpoint is complete (or its error raised) before the run ends
         finally:
             log.close()
+
+
+def diverged_because(trained, val, model, opt):
+    """Why the run cannot go on (a non-finite loss, or non-finite values in the network
+    or in VISPA's state), or None."""
+    if not (math.isfinite(trained["loss"]) and math.isfinite(val["loss"])):
+        return f"train loss {trained['loss']}, val loss {val['loss']}"
+    if not engine.state_is_finite(model, opt):
+        return "non-finite values in the network or in VISPA's M, Z or momenta"
+    return None
+
+
+def back_to_last_checkpoint(run, log, progress):
+    """After a failed checkpoint write: metrics.csv and the log's best line say what the
+    checkpoint on disk holds, so that nothing claims epochs a resume would not find."""
+    kept = checkpoint_epoch(run.checkpoint) or 0
+    del progress.history[kept:]
+    last = progress.history[-1] if progress.history else {"best_prec1": 0.0, "best_epoch": 0}
+    progress.best_prec1, progress.best_epoch = last["best_prec1"], last["best_epoch"]
+    log.set_best(progress.best_prec1, progress.best_epoch)
+    try:
+        run.write_metrics(progress.history)
+    except OSError:
+        pass  # the disk that refused the checkpoint may refuse this too; the error says so
 
 
 def main(argv=None):
@@ -488,7 +619,7 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_file(args, cfg, typed, device)
         return train(args, cfg, typed, device)
-    except (UsageError, DatasetError, CheckpointError) as error:
+    except (UsageError, DatasetError, CheckpointError, RunInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # a file the run writes: disk full, permissions, ...

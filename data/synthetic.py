@@ -39,7 +39,7 @@ def _batch(images, labels, label_key, description):
     entry = {
         b"batch_label": description.encode(),
         label_key.encode(): [int(v) for v in labels],
-        b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
+        b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), 3 * 32 * 32),
         b"filenames": [f"image_{i:05d}.png".encode() for i in range(len(images))],
     }
     if label_key == "fine_labels":  # CIFAR-100 also has 20 superclasses

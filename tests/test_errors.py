@@ -16,6 +16,8 @@ from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, rea
                      send_when_logged, start_main, temporary_files)
 from models import build_model, is_binary, released
 from optim import VISPA
+from utils import checkpoint
+from utils.run_dir import RunDir
 from data import DATASETS
 
 
@@ -46,8 +48,8 @@ def world(tmp_path_factory, cifar10_root):
     ckpt = load_checkpoint(w.checkpoint)
     torch.save(released_layout(ckpt), os.path.join(w.files, "released.pth"))
     # settings that say K=4 around tensors of a K=2 run, at epoch 0 so that it would resume
-    torch.save(dict(ckpt, config=dict(ckpt["config"], K=4), epoch=0),
-               os.path.join(w.files, "other-K-inside.pth"))
+    checkpoint.save_atomic(dict(ckpt, config=dict(ckpt["config"], K=4), epoch=0),
+                           os.path.join(w.files, "other-K-inside.pth"))
     torch.save({"format": "vispa-checkpoint", "model": CreatesAFile(os.path.join(w.files, "MARKER"))},
                os.path.join(w.files, "code.pth"))
     return w
@@ -199,8 +201,8 @@ def test_evaluate_our_checkpoint_as_another_network(world, other):
 
 
 def test_resume_checkpoint_whose_tensors_do_not_fit_its_settings(world):
-    fails_cleanly(world, "--resume", os.path.join(world.files, "other-K-inside.pth"), "--data_root",
-                  world.data, "--gpus", "cpu",
+    fails_cleanly(world, "--resume", os.path.join(world.files, "other-K-inside.pth"), "--fork", "--save",
+                  "forked", "--results_dir", world.results, "--data_root", world.data, "--gpus", "cpu",
                   message=r"other-K-inside\.pth does not fit this network: .*Z has shape \(2, .*\(4, ")
 
 
@@ -240,12 +242,12 @@ def test_evaluate_released_layout_as_another_network(world, flag, value, problem
     (["-K", "-1"], r"argument -K: must be >= 0, got -1"),
     (["-L", "0"], r"argument -L: must be >= 1, got 0"),
     (["--scale", "0"], r"argument -scale/--scale: must be > 0, got 0"),
-    (["-b", "0"], r"argument -b/--batch-size: must be >= 1, got 0"),
+    (["-b", "1"], r"argument -b/--batch-size: must be >= 2, got 1"),
     (["--epochs", "0"], r"argument --epochs: must be >= 1, got 0"),
     (["--lr", "-0.1"], r"argument --lr: must be >= 0, got -0.1"),
     (["--model", "resnet50"], r"argument --model: unknown model 'resnet50'; choose one of: resnet18"),
     (["--dataset", "mnist"], r"argument --dataset: invalid choice: 'mnist'"),
-], ids=["K<0", "L<1", "S<=0", "batch<1", "epochs<1", "lr<0", "unknown model", "unknown dataset"])
+], ids=["K<0", "L<1", "S<=0", "batch<2", "epochs<1", "lr<0", "unknown model", "unknown dataset"])
 def test_invalid_setting(world, flags, message):
     fails_cleanly(world, *train_args(world), *flags, message=message, argparse=True)
 
@@ -292,6 +294,14 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(world, tmp_path):
     with open(os.path.join(run_dir, CHECKPOINT), "rb") as f:
         assert f.read() == previous
     assert temporary_files(run_dir) == []
+    # nothing claims the epoch that could not be saved: metrics.csv, the status that
+    # summaries read and the log's best line say what the checkpoint on disk holds
+    run = RunDir(results, "run")
+    assert [row["epoch"] for row in run.read_metrics()] == [1]
+    assert run.status().epoch == 1 and not run.status().finished
+    log = read_text(run.log).splitlines()
+    assert log[-2].startswith(f"Stopped: could not write {run.checkpoint}: File too large")
+    assert log[-1] == f"Best Prec@1: {run.read_metrics()[0]['best_prec1']:.2f} (epoch 1/3)"
     # with room again, the run goes on from the checkpoint that survived
     r = run_main("--resume", run_dir, "--data_root", world.data, "--gpus", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr

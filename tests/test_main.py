@@ -128,7 +128,8 @@ def test_help_explains_every_option_with_its_default():
             ("--lr", "peak learning rate (default: 0.1)"), ("--wd", "(default: 0.0005)"),
             ("--epochs", "(default: 500)"), ("--batch-size", "(default: 256)"),
             ("--recipe", "start from one of the authors' configurations"),
-            ("--gpus", "CUDA device index, or 'cpu'"), ("--resume", "continue a run from its checkpoint"),
+            ("--gpus", "CUDA device index, or 'cpu'"), ("--resume", "continue a run from its latest checkpoint"),
+            ("--rewind", "discarding the run's later epochs"), ("--fork", "start the new run NAME"),
             ("--evaluate", "K is read from the file"), ("--bf16", "bfloat16 autocast"),
             ("--projection", "the paper's constraint"), ("--demo", "generated dataset")]:
         assert flag in out.stdout, flag

@@ -195,7 +195,7 @@ def test_signal_stops_with_a_resume_line_and_the_resumed_run_ends_exactly(
 # ---- divergence ------------------------------------------------------------------------------
 
 DIVERGED = re.compile(r"error: training diverged in epoch (\d+) \(train loss \S+, val loss \S+\): stopped\. "
-                      r"The last good checkpoint \(epoch (\d+)\) is (\S+); try a lower --lr")
+                      r"The last good checkpoint \(epoch (\d+)\) is (\S+); try a lower --lr or another --scale")
 
 
 def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(data, tmp_path):

@@ -1,11 +1,16 @@
-"""Checkpoint files: written atomically, read as data only.
+"""Checkpoint files: written atomically, read as data only, checked whole.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk,
 then renamed over the old one: a crash, a kill or a full disk during a save leaves
 the previous checkpoint as it was. Files are read with
 ``torch.load(weights_only=True)``: a checkpoint holds tensors, numbers, strings,
 lists and dicts, never code, and a file that holds anything else is refused.
+
+Our own checkpoints carry a digest of their content (every tensor's bytes and every
+value), which loading verifies: a file damaged on disk or in a copy is refused, not
+silently evaluated or resumed. Loading also refuses a file with a non-finite tensor.
 """
+import hashlib
 import os
 import pickle
 import random
@@ -22,8 +27,45 @@ FORMAT = "vispa-checkpoint"
 VERSION = 2
 
 
+DIGEST = "digest"  # the key of the content digest in our checkpoints
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or used; the message says why."""
+
+
+def content_digest(obj) -> str:
+    """sha256 of a checkpoint's content: its structure, every plain value, and every
+    tensor's dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+
+    def feed(item):
+        if isinstance(item, torch.Tensor):
+            tensor = item.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"<{tensor.dtype}{tuple(item.shape)}>".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(item, dict):
+            digest.update(b"{")
+            for key, value in item.items():
+                feed(key)
+                feed(value)
+            digest.update(b"}")
+        elif isinstance(item, (list, tuple)):
+            digest.update(b"[" if isinstance(item, list) else b"(")
+            for value in item:
+                feed(value)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(item).__name__}:{item!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
+def _ours(obj):
+    """One of our checkpoints of a format that carries a digest (2 and later)."""
+    return (isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("version"), int)
+            and obj["version"] >= 2)
 
 
 class _Writer:
@@ -49,7 +91,8 @@ class _Writer:
 def save_atomic(obj, path: str):
     """Write ``obj`` to ``path`` through a temporary file in the same folder, flushed
     to disk and renamed over ``path``: ``path`` is always the old or the new file,
-    whole. A failed write removes the temporary file and raises CheckpointError."""
+    whole. One of our checkpoints gets its content digest. A failed write removes the
+    temporary file and raises CheckpointError."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -58,6 +101,9 @@ def save_atomic(obj, path: str):
                               f"the previous file there is unchanged") from None
     writer = None
     try:
+        if _ours(obj):
+            content = {k: v for k, v in obj.items() if k != DIGEST}
+            obj = dict(content, **{DIGEST: content_digest(content)})
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; a checkpoint is not
         with os.fdopen(fd, "wb") as f:
             writer = _Writer(f)
@@ -166,7 +212,8 @@ def _fsync_folder(folder):
 
 def load(path: str, map_location="cpu") -> dict:
     """Read a checkpoint file as data. CheckpointError if it is missing, truncated,
-    not a checkpoint, or holds objects other than plain data."""
+    not a checkpoint, holds objects other than plain data or a non-finite tensor, or
+    (one of ours) does not match its digest."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -182,7 +229,32 @@ def load(path: str, map_location="cpu") -> dict:
                               f"({type(error).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    if _ours(obj):
+        stored = obj.pop(DIGEST, None)
+        if stored is None:
+            raise CheckpointError(f"{path} has no content digest: it was not written by this program "
+                                  f"whole, and cannot be trusted")
+        if content_digest(obj) != stored:
+            raise CheckpointError(f"{path} is damaged: its content does not match the digest written "
+                                  f"with it (a disk or copy error?); use another checkpoint")
+    bad = _first_non_finite(obj)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {bad}: the run it "
+                              f"comes from had diverged; use an earlier checkpoint")
     return obj
+
+
+def _first_non_finite(obj, where=""):
+    """The path of keys of the first floating tensor with a NaN or an infinity, or None."""
+    if isinstance(obj, torch.Tensor):
+        finite = not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        return None if finite else (where or "a tensor")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def rng_states(device: torch.device) -> dict:

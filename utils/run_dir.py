@@ -7,12 +7,16 @@
     results/<name>/checkpoint.pth.tar   everything the run needs to go on after its last epoch
     results/<name>/model_best.pth.tar   the best epoch's network and distribution (no momenta)
     results/<name>/console.log          what a run started by the benchmark scripts printed
+    results/<name>/.lock                held (flock) by the process that writes the run; the
+                                        kernel lets go of it when that process ends, however
 
 Exit statuses of main.py: 0 done; 1 an error (one line on stderr); 2 a bad command
 line; 3 the training diverged; 128 + the signal number after SIGINT / SIGTERM.
 """
 import csv
+import fcntl
 import json
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from utils.runlog import parse_best_line
 
 CHECKPOINT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
-METRICS, CONFIG, CONSOLE = "metrics.csv", "config.json", "console.log"
+METRICS, CONFIG, CONSOLE, LOCK = "metrics.csv", "config.json", "console.log", ".lock"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -54,6 +58,10 @@ def epoch_line(row: dict, epochs: int, L: int) -> str:
             f"{r['seconds']} s")
 
 
+class RunInUse(Exception):
+    """Another process holds the run's lock."""
+
+
 @dataclass
 class RunStatus:
     """Where a run stands, from its files."""
@@ -83,9 +91,38 @@ class RunDir:
         self.console = os.path.join(self.folder, CONSOLE)
 
     def holds_run(self) -> bool:
-        """A folder holds a run once a checkpoint is written: a start that failed before
-        (a wrong path, a kill while starting) leaves nothing that must be kept."""
-        return any(os.path.exists(p) for p in (self.checkpoint, self.best))
+        """A folder holds a run once it has a checkpoint, a row of metrics or a logged
+        epoch (the checkpoints may have been deleted to save space): a start that failed
+        before (a wrong path, a kill while starting) leaves nothing that must be kept."""
+        if any(os.path.exists(p) for p in (self.checkpoint, self.best)):
+            return True
+        try:
+            with open(self.metrics) as f:
+                if len(f.read().splitlines()) > 1:
+                    return True
+        except OSError:
+            pass
+        try:
+            with open(self.log, errors="replace") as f:
+                return any(line.startswith("Epoch ") for line in f)
+        except OSError:
+            return False
+
+    def lock(self):
+        """Hold the run's lock for the life of this process: a second process that would
+        write the same run is refused (RunInUse). The folder is created if need be."""
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(f"{self.folder} is in use by another run (process {holder}); wait for it "
+                           f"to end, or choose another --save") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
 
     def prepare(self, start_over: bool):
         """Create the folder (or take over an existing one): check that it can be written,
@@ -112,10 +149,14 @@ class RunDir:
         _write_atomic(self.config, lambda f: f.write(json.dumps(settings, indent=1) + "\n"))
 
     def read_metrics(self) -> list:
-        """The rows of metrics.csv with numbers for numbers."""
+        """The rows of metrics.csv with numbers for numbers; ValueError for a value that
+        is not a finite number, or a column that is missing."""
         with open(self.metrics, newline="") as f:
-            return [{key: (int(value) if CSV_FORMATS[key] == "{}" else float(value))
-                     for key, value in row.items()} for row in csv.DictReader(f)]
+            rows = [{key: (int(row[key]) if fmt == "{}" else float(row[key])) for key, fmt in CSV_FORMATS.items()}
+                    for row in csv.DictReader(f)]
+        if not all(math.isfinite(value) for row in rows for value in row.values()):
+            raise ValueError(f"{self.metrics} holds a value that is not a finite number")
+        return rows
 
     def status(self):
         """The RunStatus from metrics.csv and config.json (an older run without
@@ -123,7 +164,7 @@ class RunDir:
         holds no metrics."""
         try:
             rows = self.read_metrics()
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError):
             return None
         epochs = None
         try:
