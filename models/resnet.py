@@ -1,9 +1,11 @@
-"""CIFAR ResNet18 with binary 3x3 convolutions and real activations (1W32A).
+"""CIFAR ResNet18 with binary 3x3 convolutions: binary weights and real activations
+(1W32A), or binary weights and binary activations (1W1A).
 
-The full-precision parts are the stem conv, the 1x1 shortcut convs and the
-classifier, as in the released code; module names match the released
-checkpoints one to one. The stem is conv -> BatchNorm with no activation, as
-the authors' network computes it.
+The two networks share everything but the block: the stem (a full-precision conv
+-> BatchNorm with no activation, as the authors' network computes it), the four
+stages of two blocks and the head (average pool -> BatchNorm1d -> linear). Module
+names match the released checkpoints one to one; the authors register ``linear``
+before ``bn2``, and so do we, so the state_dict order is theirs too.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +13,16 @@ import torch.nn.functional as F
 from .binary import BinaryConv2d
 
 
+def needs_projection(in_planes, planes, stride):
+    """Whether a block's shortcut must change the input's shape (the first block of
+    layer2, layer3 and layer4)."""
+    return stride != 1 or in_planes != planes
+
+
 class BasicBlock(nn.Module):
+    """1W32A: binary weights on real inputs, ReLU; the shortcut that changes the shape
+    is a full-precision 1x1 conv -> BatchNorm without affine part (momentum 0.2)."""
+
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.conv1 = BinaryConv2d(in_planes, planes, 3, stride=stride, padding=1)
@@ -19,7 +30,7 @@ class BasicBlock(nn.Module):
         self.conv2 = BinaryConv2d(planes, planes, 3, stride=1, padding=1)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
+        if needs_projection(in_planes, planes, stride):
             conv = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
             nn.init.kaiming_normal_(conv.weight)
             self.shortcut = nn.Sequential(
@@ -31,10 +42,55 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """``width`` is the first stage's width (64 in the paper; smaller for quick runs)."""
+class PoolAndPadShortcut(nn.Module):
+    """The 1W1A shortcut that changes the shape, without parameters (and so without
+    state_dict keys): a 2x2 average pool, then zero channels on BOTH sides, so that
+    the pooled input occupies channels ``[pad, pad + in_planes)`` of ``planes``.
 
-    def __init__(self, num_classes=100, width=64):
+    The authors pad ``planes // 4`` channels each side, which is
+    ``(planes - in_planes) / 2`` when the width doubles, as it does at every stage
+    of ResNet18 for any ``width``; the general form is what is computed here."""
+
+    def __init__(self, in_planes, planes):
+        super().__init__()
+        if (planes - in_planes) % 2 or planes < in_planes:
+            raise ValueError(f"cannot pad {in_planes} channels to {planes} evenly on both sides")
+        self.pad = (planes - in_planes) // 2
+
+    def forward(self, x):
+        return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self):
+        return f"pad={self.pad}"
+
+
+class BasicBlock1W1A(nn.Module):
+    """1W1A: both binary convs binarise their input (sign, with the clipped
+    straight-through estimator of ``sign_activation``); hardtanh after the first
+    BatchNorm and after the sum. The stem's real output reaches the first block's
+    sum unchanged through the identity shortcut."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = BinaryConv2d(in_planes, planes, 3, stride=stride, padding=1, binarize_input=True)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = BinaryConv2d(planes, planes, 3, stride=1, padding=1, binarize_input=True)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if needs_projection(in_planes, planes, stride):
+            self.shortcut = PoolAndPadShortcut(in_planes, planes)
+
+    def forward(self, x):
+        out = F.hardtanh(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.hardtanh(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """``block`` is BasicBlock (1W32A) or BasicBlock1W1A; ``width`` is the first
+    stage's width (64 in the paper; smaller for quick runs)."""
+
+    def __init__(self, block, num_classes, width):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight)
@@ -42,8 +98,7 @@ class ResNet18(nn.Module):
         in_planes = width
         for i, (mult, stride) in enumerate([(1, 1), (2, 2), (4, 2), (8, 2)]):
             planes = width * mult
-            stage = nn.Sequential(BasicBlock(in_planes, planes, stride),
-                                  BasicBlock(planes, planes, 1))
+            stage = nn.Sequential(block(in_planes, planes, stride), block(planes, planes, 1))
             self.add_module(f"layer{i + 1}", stage)
             in_planes = planes
         self.linear = nn.Linear(in_planes, num_classes)
@@ -67,4 +122,10 @@ class ResNet18(nn.Module):
 
 
 def resnet18(num_classes=100, width=64):
-    return ResNet18(num_classes, width)
+    """Binary weights, real activations (the paper's CIFAR-100 / CIFAR-10 1W32A network)."""
+    return ResNet18(BasicBlock, num_classes, width)
+
+
+def resnet18_1w1a(num_classes=10, width=64):
+    """Binary weights and activations (the authors' ``resnet18_1w1a_cifar``, C2)."""
+    return ResNet18(BasicBlock1W1A, num_classes, width)

@@ -1,11 +1,13 @@
 """The networks and the update against the authors' own code.
 
-``reference/golden/resnet18_w8_k4.pt`` was produced by running the authors' code
-(their CIFAR ResNet class at widths 8/16/32/64, K = 4, S = 100, 10 classes, float64):
-a network in their released layout, inputs, labels, the draw ``r`` of every binary
-layer, the logits it gives in evaluation and in training, the loss, and every
-tensor after one torch.optim.SGD step. It is the judge here: our ResNet18 filled
-from that state must reproduce all of it to float64 rounding.
+``reference/golden/resnet18_w8_k4.pt`` (1W32A) and ``resnet18_1w1a_w8_k4.pt`` (1W1A:
+binary activations, hardtanh, the average-pool and zero-pad shortcut) were produced
+by running the authors' code (their CIFAR ResNet class at widths 8/16/32/64, K = 4,
+S = 100, 10 classes, float64): a network in their released layout, inputs, labels,
+the draw ``r`` of every binary layer, the logits it gives in evaluation and in
+training, the loss, and every tensor after one torch.optim.SGD step. They are the
+judge here: our ResNet18 of the file's mode, filled from that state, must reproduce
+all of it to float64 rounding. Every test that takes ``golden`` runs on both files.
 """
 import os
 
@@ -14,9 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, is_binary, released
+from models.resnet import resnet18, resnet18_1w1a
 from optim import VISPA
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "reference", "golden")
+GOLDEN_FILES = ["resnet18_w8_k4.pt", "resnet18_1w1a_w8_k4.pt"]
+# The network each file was produced with, by its "mode" (the 1W32A file has none).
+FACTORIES = {"1w32a": resnet18, "1w1a": resnet18_1w1a}
 TOLERANCE = 1e-12  # relative, in float64
 
 
@@ -28,10 +34,14 @@ def relative_difference(ours, theirs):
     return difference / scale if scale > 0 else difference
 
 
-def golden_network(golden, name="resnet18"):
-    """Our network and VISPA, filled from the golden file's released-layout state."""
+def golden_network(golden):
+    """Our network of the golden file's mode and VISPA, filled from the file's
+    released-layout state."""
+    width = golden["widths"][0]
+    assert list(golden["widths"]) == [width, 2 * width, 4 * width, 8 * width]
     torch.manual_seed(0)
-    model = build_model(name, num_classes=golden["num_classes"], width=golden["widths"][0]).double()
+    factory = FACTORIES[golden.get("mode", "1w32a")]
+    model = factory(num_classes=golden["num_classes"], width=width).double()
     opt = VISPA(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, K=golden["K"], S=golden["S"])
     found = released.from_released(golden["state_before"], model)
     assert found.K == golden["K"] and not found.dropped
@@ -47,9 +57,9 @@ def distributions(model, opt):
             if is_binary(p)}
 
 
-@pytest.fixture(scope="module")
-def golden():
-    return torch.load(os.path.join(GOLDEN, "resnet18_w8_k4.pt"), weights_only=True)
+@pytest.fixture(scope="module", params=GOLDEN_FILES)
+def golden(request):
+    return torch.load(os.path.join(GOLDEN, request.param), weights_only=True)
 
 
 def test_golden_file_is_the_networks_layout(golden):

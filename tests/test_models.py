@@ -1,5 +1,5 @@
 """The binary ResNet18 and VGG16: shapes, binary weights, and a one-to-one map onto
-the state_dict keys of the authors' released checkpoints."""
+the state_dict keys of the authors' released checkpoints (the 1W1A networks too)."""
 import os
 
 import numpy as np
@@ -7,18 +7,26 @@ import pytest
 import torch
 
 from models import ALIASES, BinaryConv2d, build_model, canonical_name, is_binary, released
+from models.resnet import resnet18, resnet18_1w1a
+from models.vgg import vgg16
+from models.vgg_small import vgg_small
 from optim import VISPA
 
-# The key lists of the released checkpoints (shapes and dtypes), kept beside the tests.
+# The key lists of the authors' checkpoints (shapes and dtypes), kept beside the tests, with
+# the network, number of classes and rank K of the configuration they list.
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
-REFERENCE_FILES = {"resnet18": "resnet18_1w32a_cifar100_state_dict_keys.txt",
-                   "vgg16": "vgg16_1w32a_cifar100_state_dict_keys.txt"}
+RELEASED_LAYOUTS = {
+    "resnet18": (resnet18, 100, 8, "resnet18_1w32a_cifar100_state_dict_keys.txt"),
+    "vgg16": (vgg16, 100, 8, "vgg16_1w32a_cifar100_state_dict_keys.txt"),
+    "resnet18_1w1a": (resnet18_1w1a, 10, 4, "resnet18_1w1a_cifar10_state_dict_keys.txt"),
+    "vgg_small": (vgg_small, 10, 4, "vgg-small_1w1a_cifar10_state_dict_keys.txt"),
+}
 
 
-def read_reference(model):
+def read_reference(filename):
     """{key: (shape, dtype)} from the key list of a released checkpoint."""
     keys = {}
-    for line in open(os.path.join(REFERENCE, REFERENCE_FILES[model])):
+    for line in open(os.path.join(REFERENCE, filename)):
         if line.startswith("#") or not line.strip():
             continue
         name, shape, dtype = line.split()
@@ -26,21 +34,22 @@ def read_reference(model):
     return keys
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg16"])
+@pytest.mark.parametrize("name", sorted(RELEASED_LAYOUTS))
 def test_parameters_and_buffers_map_one_to_one_onto_the_released_keys(name):
     """Our network and its distribution in the released layout (models/released.py) have
     exactly the keys, shapes and dtypes of the authors' files, and map back."""
+    factory, classes, K, filename = RELEASED_LAYOUTS[name]
     torch.manual_seed(0)
-    model = build_model(name, num_classes=100)
-    opt = VISPA(model.parameters(), lr=0.1, K=8, S=100.0)
+    model = factory(num_classes=classes)
+    opt = VISPA(model.parameters(), lr=0.1, K=K, S=100.0)
     distributions = {n: (opt.state[p]["M"], opt.state[p]["Z"]) for n, p in model.named_parameters()
                      if is_binary(p)}
     ours = released.to_released(model, distributions)
-    expected = read_reference(name)
+    expected = read_reference(filename)
     assert list(ours) == list(expected)  # the same keys in the same order
     assert {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in ours.items()} == expected
-    back = released.from_released(ours, build_model(name, num_classes=100))
-    assert back.K == 8 and not back.dropped
+    back = released.from_released(ours, factory(num_classes=classes))
+    assert back.K == K and not back.dropped
     for key, value in model.state_dict().items():
         assert torch.equal(back.model_state[key], value), key
     for key, (M, Z) in distributions.items():
