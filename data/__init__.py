@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 
 from .cifar import read_cifar
-from .device_loader import DeviceLoader, normalize, random_crop_flip
+from .device_loader import DeviceLoader, normalize, random_crop_flip, random_resized_crop_flip
 from .errors import DatasetError
+from .tiny_imagenet import read_tiny_imagenet
 from .torchvision_loader import torchvision_loader
 
 # The authors normalise CIFAR with the ImageNet constants.
@@ -32,7 +33,8 @@ class Dataset:
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
 
     def read(self, root: str, split: str):
-        """(images, labels) of the "train" or "test" split; DatasetError if missing or unreadable."""
+        """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
+        val/ folder); DatasetError if missing or unreadable."""
         return self.read_split(root, self.name, split)
 
     def loader(self, images, labels, batch_size, train, device, memory_format=torch.contiguous_format):
@@ -51,9 +53,20 @@ def _cifar_reference_augment():
     return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
 
 
+def _tiny_imagenet_reference_augment():
+    import torchvision.transforms as T
+    return [T.RandomResizedCrop(64), T.RandomHorizontalFlip()]
+
+
 _cifar = dict(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, read_split=read_cifar,
               augment=partial(random_crop_flip, padding=4), reference_augment=_cifar_reference_augment)
 DATASETS = {
     "cifar10": Dataset("cifar10", 10, **_cifar),
     "cifar100": Dataset("cifar100", 100, **_cifar),
+    # The authors' Tiny-ImageNet pipeline: RandomResizedCrop(64) + flip for training,
+    # Resize(64) - the identity on its 64x64 images - for evaluation; its own constants.
+    "tiny-imagenet": Dataset("tiny-imagenet", 200, image_size=64, mean=(0.4802, 0.4481, 0.3975),
+                             std=(0.2770, 0.2691, 0.2821), read_split=read_tiny_imagenet,
+                             augment=partial(random_resized_crop_flip, size=64),
+                             reference_augment=_tiny_imagenet_reference_augment),
 }

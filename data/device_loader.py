@@ -7,6 +7,7 @@ transforms in worker processes) is ``torchvision_loader``; the augmentations her
 draw from the same distributions (the tests compare them).
 """
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,96 @@ def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
                   torch.arange(c, device=device).view(1, c, 1, 1),
                   rows.view(n, 1, h, 1),
                   cols.view(n, 1, 1, w)]
+
+
+def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+    """``n`` crop boxes (top, left, box height, box width), int64 tensors of shape (n,),
+    drawn as torchvision's ``RandomResizedCrop.get_params`` draws one for a ``height`` x
+    ``width`` image: up to 10 attempts, each an area fraction uniform in ``scale`` and an
+    aspect ratio (width / height) log-uniform in ``ratio``, sides rounded to integers; the
+    first attempt that fits is placed uniformly in the image. An image whose 10 attempts
+    all fail gets the centre crop of the fallback (the whole image, cut to the nearest
+    allowed aspect ratio). All attempts of all images are drawn at once."""
+    attempts = 10
+    area = torch.empty(n, attempts, device=device).uniform_(*scale) * (height * width)
+    log_ratio = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(area * aspect))  # round half to even, as Python's round
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 if none)
+    found = fits.any(1)
+    w = w.gather(1, first).squeeze(1).long()
+    h = h.gather(1, first).squeeze(1).long()
+    top = (torch.rand(n, device=device) * (height - h + 1)).floor().long()
+    left = (torch.rand(n, device=device) * (width - w + 1)).floor().long()
+    # the fallback, as get_params: whole image unless its aspect ratio is outside ``ratio``
+    if width / height < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    top = torch.where(found, top, (height - fallback_h) // 2)
+    left = torch.where(found, left, (width - fallback_w) // 2)
+    h = torch.where(found, h, fallback_h)
+    w = torch.where(found, w, fallback_w)
+    return top, left, h, w
+
+
+def _source_pixels(start, extent, size, flip=None):
+    """Where output pixel x of a bilinear resize of a crop [start, start + extent) to
+    ``size`` pixels reads from: pixel centres aligned (x + 0.5) * extent / size - 0.5 in
+    the crop, clamped to the crop (as PIL's BILINEAR when enlarging: the edge pixel alone
+    beyond the outermost centres). Returns the two neighbours (absolute indices) and the
+    weight of the second, each (n, size); ``flip`` (n,) mirrors the output."""
+    x = torch.arange(size, device=start.device, dtype=torch.float32).expand(len(start), size)
+    if flip is not None:
+        x = torch.where(flip.view(-1, 1), size - 1 - x, x)
+    last = (extent - 1).view(-1, 1)
+    source = ((x + 0.5) * (extent.view(-1, 1).float() / size) - 0.5).clamp(min=0)
+    source = torch.minimum(source, last.float())
+    low = source.floor()
+    weight = source - low
+    low = low.long()
+    high = torch.minimum(low + 1, last)
+    return start.view(-1, 1) + low, start.view(-1, 1) + high, weight
+
+
+def resized_crop_flip(images: torch.Tensor, top, left, height, width, flip, size: int) -> torch.Tensor:
+    """Per image k: crop rows [top_k, top_k + height_k) and columns [left_k, left_k +
+    width_k), resize to ``size`` x ``size`` bilinearly, mirror horizontally where
+    ``flip_k``: torchvision's ``resized_crop(..., BILINEAR)`` + ``hflip`` of a PIL image,
+    for crops no larger than ``size`` (every crop of Tiny-ImageNet's 64x64 images), which
+    are only enlarged: no antialiasing is involved (a larger crop would be shrunk without
+    PIL's antialiasing filter). As PIL, the columns are interpolated first and rounded to
+    integers (half up), then the rows: the result equals PIL's pixel for pixel (the tests
+    check it to within one).
+    uint8 in, uint8 out; the whole batch in six gathers."""
+    n, c, _, w = images.shape
+    y0, y1, wy = _source_pixels(top, height, size)
+    x0, x1, wx = _source_pixels(left, width, size, flip)
+    wy, wx = wy.view(n, 1, size, 1), wx.view(n, 1, 1, size)
+
+    def along_row(rows):  # the rows ``rows`` (n, size), their columns interpolated and rounded half up
+        picked = images.gather(2, rows.view(n, 1, size, 1).expand(n, c, size, w))
+        left_pixel = picked.gather(3, x0.view(n, 1, 1, size).expand(n, c, size, size)).float()
+        right_pixel = picked.gather(3, x1.view(n, 1, 1, size).expand(n, c, size, size)).float()
+        return (left_pixel * (1 - wx) + right_pixel * wx).add_(0.5).floor_()
+
+    out = (along_row(y0) * (1 - wy)).add_(along_row(y1) * wy).add_(0.5).floor_()
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.08, 1.0),
+                             ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)`` + ``RandomHorizontalFlip()``
+    on a uint8 batch (N, C, H, W), each image with its own box (``resized_crop_boxes``) and
+    flip, the whole batch at once on its device; uint8 (N, C, size, size) out."""
+    n, _, h, w = images.shape
+    boxes = resized_crop_boxes(n, h, w, scale, ratio, images.device)
+    flip = torch.rand(n, device=images.device) < 0.5
+    return resized_crop_flip(images, *boxes, flip, size)
 
 
 class DeviceLoader:

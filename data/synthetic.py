@@ -1,9 +1,11 @@
-"""Small generated datasets written in the real CIFAR on-disk format.
+"""Small generated datasets written in the real on-disk formats of CIFAR and
+Tiny-ImageNet.
 
-They let the real reading code run where CIFAR cannot be downloaded (the demo,
-the tests). The files are Python-2-style pickles like the originals: their
+They let the real reading code run where the datasets cannot be downloaded (the demo,
+the tests). The CIFAR files are Python-2-style pickles like the originals: their
 strings are Python 2 ``str`` objects, so they load only with
-``encoding="latin1"`` (or "bytes"), exactly as the downloaded files do.
+``encoding="latin1"`` (or "bytes"), exactly as the downloaded files do. The
+Tiny-ImageNet ones are JPEGs in the folders of the official zip.
 """
 import os
 import pickle
@@ -97,3 +99,96 @@ def write_structured_cifar(root, name, num_train, num_test, seed=0):
     under ``root`` in ``name``'s on-disk layout."""
     arrays = structured_images(num_train, num_test, LAYOUTS[name][4], seed)
     return write_cifar(root, name, *arrays)
+
+
+# ---- Tiny-ImageNet ---------------------------------------------------------------------------
+
+def write_tiny_imagenet(root, classes=10, per_class=20, val_per_class=5, test_images=0,
+                        sorted_val=True, greyscale=0, seed=0, contrast=40.0, noise=40.0):
+    """A small dataset in Tiny-ImageNet's on-disk layout under ``root``, returns its folder
+    ``root/tiny-imagenet-200``: ``classes`` classes with made-up wnids (``n`` + 8 digits,
+    written in an order that is not the sorted one) and ``per_class`` training and
+    ``val_per_class`` validation JPEGs of 64x64 pixels each, plus ``test_images``
+    unlabelled ones in test/images/, and wnids.txt, words.txt, the boxes files and
+    val/val_annotations.txt like the original.
+
+    ``sorted_val=False`` leaves val/ as the official zip has it (val/images/ and the
+    annotations); True sorts it into val/<wnid>/images/ as download_data.sh does. The
+    first ``greyscale`` images of each split are greyscale JPEGs (the real data have
+    some). The images have class structure as ``structured_images``: a blocky colour
+    template per class (4x4 blocks of 16x16 pixels) plus pixel noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    wnids = [f"n{d:08d}" for d in rng.choice(10 ** 8, classes, replace=False)]
+    if wnids == sorted(wnids) and classes > 1:  # the labels must follow the sorted order, not this one
+        wnids = wnids[::-1]
+    templates = 128 + rng.uniform(-contrast, contrast, (classes, 4, 4, 3)).repeat(16, axis=1).repeat(16, axis=2)
+    folder = os.path.join(root, "tiny-imagenet-200")
+    os.makedirs(folder, exist_ok=True)
+    written = [0]
+
+    def save(path, label):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pixels = np.clip(templates[label] + rng.normal(0, noise, (64, 64, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        if written[0] < greyscale:
+            image = image.convert("L")
+        written[0] += 1
+        image.save(path, "JPEG", quality=90)
+
+    def box():
+        x0, y0 = rng.integers(0, 32, 2)
+        return f"{x0}\t{y0}\t{x0 + rng.integers(16, 32)}\t{y0 + rng.integers(16, 32)}"
+
+    with open(os.path.join(folder, "wnids.txt"), "w") as f:
+        f.writelines(f"{w}\n" for w in wnids)
+    with open(os.path.join(folder, "words.txt"), "w") as f:
+        f.writelines(f"{w}\tclass {i}\n" for i, w in enumerate(wnids))
+    for label, wnid in enumerate(wnids):
+        boxes = []
+        for k in range(per_class):
+            name = f"{wnid}_{k}.JPEG"
+            save(os.path.join(folder, "train", wnid, "images", name), label)
+            boxes.append(f"{name}\t{box()}\n")
+        with open(os.path.join(folder, "train", wnid, f"{wnid}_boxes.txt"), "w") as f:
+            f.writelines(boxes)
+    written[0] = 0
+    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
+    annotations = []
+    for k, label in enumerate(val_labels):
+        name = f"val_{k}.JPEG"
+        where = ("images",) if not sorted_val else (wnids[label], "images")
+        save(os.path.join(folder, "val", *where, name), label)
+        annotations.append(f"{name}\t{wnids[label]}\t{box()}\n")
+    with open(os.path.join(folder, "val", "val_annotations.txt"), "w") as f:
+        f.writelines(annotations)
+    written[0] = 0
+    for k in range(test_images):
+        save(os.path.join(folder, "test", "images", f"test_{k}.JPEG"), rng.integers(classes))
+    return folder
+
+
+def write_tiny_imagenet_zip(path, **kwargs):
+    """The official zip's layout (one top folder tiny-imagenet-200/, val/ unsorted) of a
+    ``write_tiny_imagenet(**kwargs)`` dataset, written to ``path``; returns ``path``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staging:
+        return zip_folder(write_tiny_imagenet(staging, **dict(kwargs, sorted_val=False)), path)
+
+
+def zip_folder(folder, path):
+    """Zip ``folder`` (as its top folder, with its directory entries, in sorted order) to
+    ``path``; returns ``path``."""
+    import zipfile
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for where, directories, names in sorted(os.walk(folder)):
+            directories.sort()
+            relative = os.path.relpath(where, parent)
+            archive.write(where, relative + "/")
+            for name in sorted(names):
+                archive.write(os.path.join(where, name), os.path.join(relative, name))
+    return path

@@ -1,6 +1,7 @@
 """download_data.sh against a local HTTP server on 127.0.0.1 that serves small archives
 in the official layout: a verified download, no second download, and nothing left
-behind after a checksum mismatch, a server that goes away, or an interruption."""
+behind after a checksum mismatch, a server that goes away, or an interruption; for
+Tiny-ImageNet also val/ sorted into class folders before the dataset appears."""
 import hashlib
 import os
 import shutil
@@ -15,11 +16,14 @@ import pytest
 import torch
 
 from data import DATASETS
-from data.synthetic import write_cifar
+from data.synthetic import write_cifar, write_tiny_imagenet, write_tiny_imagenet_zip, zip_folder
 from helpers import REPO, run_script, script_env, wait_for
 
 SERVER = os.path.join(REPO, "tests", "archive_server.py")
 DOWNLOADERS = [tool for tool in ("curl", "wget") if shutil.which(tool)] + ["python"]
+UNZIPPERS = (["unzip"] if shutil.which("unzip") else []) + ["python"]
+# a small Tiny-ImageNet: 3 classes, 4 + 2 images each, 2 unlabelled test images, a greyscale one
+TINY = dict(classes=3, per_class=4, val_per_class=2, test_images=2, greyscale=1, seed=5)
 
 
 def np_uint8_images(n, seed):
@@ -42,6 +46,8 @@ def archives(tmp_path_factory):
         with tarfile.open(path, "w:gz") as tar:
             tar.add(root / "src" / folder, arcname=folder)
         made[name] = (str(path), hashlib.md5(path.read_bytes()).hexdigest(), arrays)
+    path = write_tiny_imagenet_zip(str(root / "tiny-imagenet-200.zip"), **TINY)
+    made["tiny-imagenet"] = (path, hashlib.md5(open(path, "rb").read()).hexdigest(), None)
     return made
 
 
@@ -159,16 +165,30 @@ def test_interrupted_download_leaves_nothing(tmp_path, archives):
     assert os.listdir(data_root) == []
 
 
-def test_all_fetches_both_datasets(tmp_path, archives):
+def test_all_fetches_every_dataset(tmp_path, archives):
+    data_root = tmp_path / "datasets"
+    (a100, md5_100, arrays100), (a10, md5_10, arrays10) = archives["cifar100"], archives["cifar10"]
+    tiny, md5_tiny, _ = archives["tiny-imagenet"]
+    with server(a100, "ok", tmp_path / "r100.log") as url100, server(a10, "ok", tmp_path / "r10.log") as url10, \
+            server(tiny, "ok", tmp_path / "rtiny.log") as url_tiny:
+        result = run_script("download_data.sh", "all", DATA_ROOT=data_root, CIFAR100_URL=url100,
+                            CIFAR100_MD5=md5_100, CIFAR10_URL=url10, CIFAR10_MD5=md5_10,
+                            TINY_IMAGENET_URL=url_tiny, TINY_IMAGENET_MD5=md5_tiny)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(data_root)) == ["cifar-10-batches-py", "cifar-100-python", "tiny-imagenet-200"]
+    assert_same_arrays(data_root, "cifar100", arrays100)
+    assert_same_arrays(data_root, "cifar10", arrays10)
+    assert_same_tiny_imagenet(data_root, tmp_path / "expected")
+
+
+def test_several_datasets_by_name(tmp_path, archives):
     data_root = tmp_path / "datasets"
     (a100, md5_100, arrays100), (a10, md5_10, arrays10) = archives["cifar100"], archives["cifar10"]
     with server(a100, "ok", tmp_path / "r100.log") as url100, server(a10, "ok", tmp_path / "r10.log") as url10:
-        result = run_script("download_data.sh", "all", DATA_ROOT=data_root, CIFAR100_URL=url100,
-                            CIFAR100_MD5=md5_100, CIFAR10_URL=url10, CIFAR10_MD5=md5_10)
+        result = run_script("download_data.sh", "cifar10", "cifar100", DATA_ROOT=data_root,
+                            CIFAR100_URL=url100, CIFAR100_MD5=md5_100, CIFAR10_URL=url10, CIFAR10_MD5=md5_10)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(data_root)) == ["cifar-10-batches-py", "cifar-100-python"]
-    assert_same_arrays(data_root, "cifar100", arrays100)
-    assert_same_arrays(data_root, "cifar10", arrays10)
 
 
 def test_incomplete_dataset_folder_is_reported_not_replaced(tmp_path):
@@ -184,7 +204,111 @@ def test_incomplete_dataset_folder_is_reported_not_replaced(tmp_path):
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path):
-    result = run_script("download_data.sh", "imagenet", DATA_ROOT=tmp_path)
-    assert result.returncode == 2
-    assert "usage: bash download_data.sh [cifar100|cifar10|all]" in result.stderr
-    assert os.listdir(tmp_path) == []
+    for args in (["imagenet"], ["cifar10", "imagenet"]):
+        result = run_script("download_data.sh", *args, DATA_ROOT=tmp_path)
+        assert result.returncode == 2
+        assert "usage: bash download_data.sh [cifar100|cifar10|tiny-imagenet|all]..." in result.stderr
+        assert os.listdir(tmp_path) == []
+
+
+# ---- Tiny-ImageNet ---------------------------------------------------------------------------
+
+def download_tiny(data_root, url, md5, **env):
+    return run_script("download_data.sh", "tiny-imagenet", DATA_ROOT=data_root, TINY_IMAGENET_URL=url,
+                      TINY_IMAGENET_MD5=md5, timeout=120, **env)
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    found = {}
+    for where, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(where, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def assert_same_tiny_imagenet(data_root, scratch):
+    """The downloaded dataset is, file for file, the generated one with val/ sorted
+    (val/<wnid>/images/<file>, no val/images/), and reads as such."""
+    expected = write_tiny_imagenet(str(scratch), sorted_val=True, **TINY)
+    got = tree(data_root / "tiny-imagenet-200")
+    assert got.pop(".verified-md5").decode().strip()  # the script's marker
+    assert got == tree(expected)
+    assert not (data_root / "tiny-imagenet-200" / "val" / "images").exists()
+    annotations = (data_root / "tiny-imagenet-200" / "val" / "val_annotations.txt").read_text().splitlines()
+    for line in annotations:
+        name, wnid = line.split("\t")[:2]
+        assert (data_root / "tiny-imagenet-200" / "val" / wnid / "images" / name).is_file()
+    for split in ("train", "test"):
+        ours = DATASETS["tiny-imagenet"].read(str(data_root), split)
+        theirs = DATASETS["tiny-imagenet"].read(str(scratch), split)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("unzipper", UNZIPPERS)
+def test_tiny_imagenet_download_sorts_val_and_is_not_repeated(tmp_path, archives, unzipper):
+    archive, md5, _ = archives["tiny-imagenet"]
+    data_root, log = tmp_path / "datasets", tmp_path / "requests.log"
+    with server(archive, "ok", log) as url:
+        first = download_tiny(data_root, url, md5, UNZIPPER=unzipper)
+        assert first.returncode == 0, first.stderr
+        assert f"tiny-imagenet: verified (md5 {md5})" in first.stdout
+        assert os.listdir(data_root) == ["tiny-imagenet-200"]  # no temporary file left
+        assert len(requests(log)) == 1
+        again = download_tiny(data_root, url, md5, UNZIPPER=unzipper)
+        assert again.returncode == 0, again.stderr
+        assert "tiny-imagenet: already downloaded and verified" in again.stdout
+        assert len(requests(log)) == 1
+    assert_same_tiny_imagenet(data_root, tmp_path / "expected")
+
+
+def test_tiny_imagenet_checksum_mismatch_leaves_nothing(tmp_path, archives):
+    archive, md5, _ = archives["tiny-imagenet"]
+    data_root = tmp_path / "datasets"
+    with server(archive, "ok", tmp_path / "requests.log") as url:
+        result = download_tiny(data_root, url, "f" * 32)
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert line.startswith("error: tiny-imagenet: checksum mismatch") and md5 in line and "f" * 32 in line
+    assert os.listdir(data_root) == []
+
+
+def test_tiny_imagenet_val_that_cannot_be_sorted_leaves_nothing(tmp_path):
+    """An image of val/images that val_annotations.txt does not name: the script stops
+    before the dataset appears."""
+    folder = write_tiny_imagenet(str(tmp_path / "src"), sorted_val=False, **TINY)
+    annotations = os.path.join(folder, "val", "val_annotations.txt")
+    lines = open(annotations).readlines()
+    open(annotations, "w").writelines(lines[:-1])
+    archive = zip_folder(folder, str(tmp_path / "broken.zip"))
+    md5 = hashlib.md5(open(archive, "rb").read()).hexdigest()
+    data_root = tmp_path / "datasets"
+    with server(archive, "ok", tmp_path / "requests.log") as url:
+        result = download_tiny(data_root, url, md5)
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert "cannot prepare" in line and "not in val_annotations.txt" in line and lines[-1].split("\t")[0] in line
+    assert os.listdir(data_root) == []
+
+
+def test_tiny_imagenet_interrupted_download_leaves_nothing(tmp_path, archives):
+    archive, md5, _ = archives["tiny-imagenet"]
+    data_root = tmp_path / "datasets"
+    with server(archive, "stall", tmp_path / "requests.log") as url:
+        process = subprocess.Popen(
+            ["bash", os.path.join(REPO, "download_data.sh"), "tiny-imagenet"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env=script_env(DATA_ROOT=data_root, TINY_IMAGENET_URL=url, TINY_IMAGENET_MD5=md5))
+
+        def partial_archive_growing():
+            names = os.listdir(data_root) if data_root.exists() else []
+            return any(".zip." in n and not n.endswith(".err") and
+                       os.path.getsize(data_root / n) > 0 for n in names)
+
+        wait_for(partial_archive_growing, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1] == "error: interrupted by SIGTERM; nothing was kept"
+    assert os.listdir(data_root) == []
