@@ -1,11 +1,12 @@
-"""Small generated datasets written in the real on-disk formats of CIFAR and
-Tiny-ImageNet.
+"""Small generated datasets written in the real on-disk formats of CIFAR,
+Tiny-ImageNet and ImageNet.
 
 They let the real reading code run where the datasets cannot be downloaded (the demo,
 the tests). The CIFAR files are Python-2-style pickles like the originals: their
 strings are Python 2 ``str`` objects, so they load only with
 ``encoding="latin1"`` (or "bytes"), exactly as the downloaded files do. The
-Tiny-ImageNet ones are JPEGs in the folders of the official zip.
+Tiny-ImageNet ones are JPEGs in the folders of the official zip; the ImageNet ones
+JPEGs in ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (``write_image_folders``).
 """
 import os
 import pickle
@@ -192,3 +193,53 @@ def zip_folder(folder, path):
             for name in sorted(names):
                 archive.write(os.path.join(where, name), os.path.join(relative, name))
     return path
+
+
+# ---- ImageNet ----------------------------------------------------------------------------------
+
+def image_folder_classes(classes):
+    """WordNet-id-like class names ("n00000000", "n00000001", ...) for a number of
+    classes, or the given names."""
+    if isinstance(classes, int):
+        return [f"n{i:08d}" for i in range(classes)]
+    return list(classes)
+
+
+def write_image_folders(root, classes, per_class, size, seed=0, val_sorted=True, quality=90,
+                        contrast=48.0, noise=24.0):
+    """Write a small dataset in the ImageNet layout under ``root`` and return ``root``:
+    ``train/<wnid>/<wnid>_<i>.JPEG`` and ``val/<wnid>/ILSVRC2012_val_<n>.JPEG``
+    (``val/ILSVRC2012_val_<n>.JPEG``, all in one folder as in the downloaded archive,
+    when ``val_sorted`` is False).
+
+    ``classes``: a number of classes or a list of class names; ``per_class``: images
+    per class, one number for both splits or (train, val); ``size``: (height, width)
+    or one number for square images. The images have real class structure: every
+    class has a blocky colour template (4x4 blocks, each channel 128 +- ``contrast``),
+    an image is its class's template plus Gaussian pixel noise of std ``noise``."""
+    from PIL import Image
+
+    names = image_folder_classes(classes)
+    train_count, val_count = (per_class, per_class) if isinstance(per_class, int) else per_class
+    height, width = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    blocks = rng.uniform(-contrast, contrast, (len(names), 4, 4, 3))
+    rows = np.arange(height) * 4 // height
+    cols = np.arange(width) * 4 // width
+    templates = 128 + blocks[:, rows][:, :, cols]  # (classes, height, width, 3)
+
+    def write(path, label):
+        pixels = templates[label] + rng.normal(0, noise, (height, width, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=quality)
+
+    val_number = 0
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, "train", name), exist_ok=True)
+        for i in range(train_count):
+            write(os.path.join(root, "train", name, f"{name}_{i}.JPEG"), label)
+        folder = os.path.join(root, "val", name) if val_sorted else os.path.join(root, "val")
+        os.makedirs(folder, exist_ok=True)
+        for _ in range(val_count):
+            val_number += 1
+            write(os.path.join(folder, f"ILSVRC2012_val_{val_number:08d}.JPEG"), label)
+    return root
