@@ -51,9 +51,9 @@ class Config:
     model: str = _setting("resnet18", "--model", type=_model_name,
                           help=f"network: {', '.join(MODELS)} (also accepted: {', '.join(ALIASES)})")
     dataset: str = _setting("cifar100", "--dataset", choices=sorted(DATASETS), help="dataset")
-    width: int = _setting(64, "--width", type=_number(int, low=1),
-                          help="width of the first layer (64 = the paper's networks; smaller for quick "
-                               "experiments)")
+    width: int = _setting(None, "--width", type=_number(int, low=1),
+                          help="width of the first layer (None: the paper's network, 64 for the ResNets "
+                               "and VGG16, 128 for VGG-Small, 96 for AlexNet; smaller for quick experiments)")
     epochs: int = _setting(500, "--epochs", type=_number(int, low=1), help="training epochs")
     batch_size: int = _setting(256, "-b", "--batch-size", type=_number(int, low=2),
                                help="training batch size (BatchNorm needs at least 2 images)")
@@ -93,9 +93,17 @@ class Config:
                             help="data-loading processes (only for --loader torchvision, where each "
                                  "worker draws its own augmentations)")
 
+    def __post_init__(self):
+        if self.width is None:  # the paper's width of the chosen network
+            object.__setattr__(self, "width", MODELS[canonical_name(self.model)].width)
+
     @property
     def num_classes(self):
         return DATASETS[self.dataset].num_classes
+
+    @property
+    def image_size(self):
+        return DATASETS[self.dataset].image_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,12 +142,15 @@ def _check(f, value):
             raise ValueError(f"{f.name} must be {parsed!r}, got {value!r}")
 
 
-# The authors' configurations, by the names their runs carry.
+# The authors' configurations, by the names their runs carry (EXTENDED.md section 0).
+_1W1A = dict(dataset="cifar10", K=4, lr=0.5, wd=1e-5, epochs=600)
 RECIPES = {
     "resnet18_1w32a_cifar100": Config(model="resnet18", dataset="cifar100"),
     "vgg16_1w32a_cifar100": Config(model="vgg16", dataset="cifar100"),
     "resnet18_1w32a_cifar10": Config(model="resnet18", dataset="cifar10"),
     "vgg16_1w32a_cifar10": Config(model="vgg16", dataset="cifar10"),
+    "vgg_small_1w1a_cifar10": Config(model="vgg_small", **_1W1A),
+    "resnet18_1w1a_cifar10": Config(model="resnet18_1w1a", **_1W1A),
 }
 DEFAULT_RECIPE = "resnet18_1w32a_cifar100"
 assert RECIPES[DEFAULT_RECIPE] == Config()
@@ -155,7 +166,8 @@ def add_arguments(parser, defaults):
     defaults (None: no defaults, every option left out reads None)."""
     for f in fields(Config):
         m = f.metadata
-        options = dict(dest=f.name, default=getattr(defaults, f.name, None), help=m["help"])
+        default = None if f.default is None else getattr(defaults, f.name, None)  # width: the network's
+        options = dict(dest=f.name, default=default, help=m["help"])
         if isinstance(f.default, bool):
             options["action"] = "store_true"
         else:

@@ -92,16 +92,22 @@ def evaluate(model, opt, batches, L, bf16=False) -> dict:
 @torch.no_grad()
 def evaluate_mean(model, opt, batches, bf16=False) -> dict:
     """The same for the deterministic network b = sign(M): the one binary network to deploy."""
+    with opt.mean_params():
+        return evaluate_deterministic(model, batches, bf16)
+
+
+@torch.no_grad()
+def evaluate_deterministic(model, batches, bf16=False) -> dict:
+    """Loss, top-1 and top-5 of a network as it is (an exported one, say)."""
     device = _device(model)
     model.eval()
     meter = Accumulator(device)
-    with opt.mean_params():
-        for images, labels in batches:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device, bf16):
-                logits = full_precision(model(images))
-            meter.add(F.cross_entropy(logits, labels), logits, labels)
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            logits = full_precision(model(images))
+        meter.add(F.cross_entropy(logits, labels), logits, labels)
     return meter.result()
 
 

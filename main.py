@@ -1,6 +1,6 @@
 """Train a binary network with VISPA, or evaluate one.
 
-    python main.py --demo                              # one minute, generated data, CPU
+    python main.py --demo                              # twenty seconds, generated data, CPU
     python main.py --model resnet18 --dataset cifar100 --save my_run
     python main.py --recipe vgg16_1w32a_cifar10 --seed 2020 --save my_vgg
     python main.py --resume results/my_run             # continue a stopped run exactly
@@ -37,7 +37,7 @@ from tqdm import tqdm
 import engine
 from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
 from data import DATASETS, DatasetError
-from models import build_model, released
+from models import build_model, is_binary, packed, released
 from optim import VISPA, learning_rate
 from utils import checkpoint
 from utils.checkpoint import CheckpointError
@@ -69,7 +69,12 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     a("--results_dir", default="./results")
     a("-e", "--evaluate", metavar="FILE", default=None,
       help="evaluate a checkpoint on the test set (ours, or the authors' released layout with "
-           "--model/--dataset naming the network; K is read from the file) and exit")
+           "--model/--dataset naming the network; K is read from the file), or an exported network "
+           "(.bnn), and exit")
+    a("--export", metavar="FILE", default=None,
+      help="export the mean network sign(M) of a checkpoint (ours, or the authors' with --model/--dataset) "
+           "to --out: binary weights packed 8 per byte, the rest float32; then exit")
+    a("--out", metavar="FILE", default=None, help="where --export writes the network (e.g. model.bnn)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run from its latest checkpoint: the run folder, its checkpoint.pth.tar, or "
            "nothing for the folder of --save")
@@ -81,7 +86,7 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
            "settings except those given; nothing outside NAME's own files is written")
     a("--overwrite", action="store_true", help="start over in a --save folder that already holds a run")
     a("--demo", action="store_true",
-      help="a half-minute run of the whole pipeline on a small generated dataset, on the CPU")
+      help="a twenty-second run of the whole pipeline on a small generated dataset, on the CPU")
     return p
 
 
@@ -98,6 +103,10 @@ def check_combinations(args, typed):
     """Options that contradict each other are refused before anything is read or written."""
     if args.evaluate is not None and args.resume is not None:
         raise UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume a run")
+    if (args.export is None) != (args.out is None):
+        raise UsageError("--export FILE and --out FILE go together: the checkpoint, and where its network goes")
+    if args.export is not None and (args.evaluate is not None or args.resume is not None):
+        raise UsageError("--export excludes --evaluate and --resume: export a checkpoint, then evaluate the file")
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it over")
     if args.resume is not None and args.recipe is not None:
@@ -113,12 +122,12 @@ def check_combinations(args, typed):
         raise UsageError("--fork needs --save NAME, the name of the new run")
 
 
-DEMO = Config(model="resnet18", dataset="cifar10", width=16, epochs=5, batch_size=64,
-              eval_batch_size=500, lr=0.05, warmup_epochs=1, K=4, L=4, seed=0)
+DEMO = Config(model="resnet18", dataset="cifar10", width=8, epochs=6, batch_size=64,
+              eval_batch_size=500, lr=0.1, warmup_epochs=1, K=4, L=4, seed=0)
 
 
 def demo(args):
-    """A small setting that trains in half a minute on a CPU, on a generated dataset
+    """A small setting that trains in twenty seconds on a CPU, on a generated dataset
     in the CIFAR-10 format (written once into the results folder)."""
     from data.synthetic import write_structured_cifar
     args.gpus, args.save, args.overwrite = "cpu", "demo", True
@@ -164,7 +173,8 @@ def memory_format(device):
 
 def build(cfg, device):
     """The network and its optimizer for a run config."""
-    model = build_model(cfg.model, cfg.num_classes, cfg.width).to(device, memory_format=memory_format(device))
+    model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
+    model = model.to(device, memory_format=memory_format(device))
     opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
                 S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection,
                 seed=draws_seed(cfg.seed if cfg.seed is not None else 0))
@@ -246,9 +256,10 @@ def without_momenta(optimizer_state):
 
 # ---- evaluating a file -------------------------------------------------------------------------
 
-def evaluate_file(args, cfg, typed, device):
-    """``--evaluate``: print the L-sample and mean-network results of a checkpoint."""
-    path = args.evaluate
+def load_network(path, cfg, typed, device):
+    """The network and its distribution in a file of ours or of the authors' (any of
+    their layouts): (model, VISPA, the config it was trained with, where it comes from,
+    a note for the reader)."""
     ckpt = checkpoint.load(path)
     note = ""
     if ckpt.get("format") == checkpoint.FORMAT:
@@ -261,39 +272,107 @@ def evaluate_file(args, cfg, typed, device):
         model, opt = build(saved, device)
         load_ours(model, opt, ckpt, path)
         source = f"epoch {ckpt['epoch']} of run {ckpt.get('run', ckpt['config'].get('save'))}"
-        cfg = replace(saved, L=cfg.L, bf16=cfg.bf16)
-    elif "state_dict" in ckpt:
-        try:
-            K = released.rank_of(ckpt["state_dict"])
-        except released.LayoutError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        if "K" in typed and cfg.K != K:
-            raise CheckpointError(f"{path} holds K={K} (the first dimension of its Z), not the -K {cfg.K} "
-                                  f"asked for; leave -K out")
-        cfg = replace(cfg, K=K)
-        model, opt = build(cfg, device)
-        try:
-            found = released.from_released(ckpt["state_dict"], model)
-        except released.LayoutError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        load_released(model, opt, found)
-        source = f"released checkpoint, epoch {ckpt.get('epoch')}, best_prec1 {ckpt.get('best_prec1')}"
-        if found.dropped:
-            source += f"; its {len(found.dropped)} unused .sample tensors (zeros) were left out"
-        if K == 0:
-            note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
-                    "every one of the L samples is sign(M) and both results are the same network's.\n")
-    else:
+        return model, opt, replace(saved, L=cfg.L, bf16=cfg.bf16), source, note
+    if "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
                               f"(no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
-    del ckpt
-    images, labels = DATASETS[cfg.dataset].read(args.data_root, "test")
-    test = loader(replace(cfg, loader="device"), images, labels, False, device)
+    try:
+        K = released.rank_of(ckpt["state_dict"])
+    except released.LayoutError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if "K" in typed and cfg.K != K:
+        raise CheckpointError(f"{path} holds K={K} (the first dimension of its Z), not the -K {cfg.K} "
+                              f"asked for; leave -K out")
+    cfg = replace(cfg, K=K)
+    model, opt = build(cfg, device)
+    try:
+        found = released.from_released(ckpt["state_dict"], model)
+    except released.LayoutError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    load_released(model, opt, found)
+    source = f"released checkpoint, epoch {ckpt.get('epoch')}, best_prec1 {ckpt.get('best_prec1')}"
+    if found.dropped:
+        source += f"; its {len(found.dropped)} unused .sample tensors (zeros) were left out"
+    if K == 0:
+        note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
+                "every one of the L samples is sign(M) and both results are the same network's.\n")
+    return model, opt, cfg, source, note
+
+
+def test_batches(cfg, data_root, device):
+    images, labels = DATASETS[cfg.dataset].read(data_root, "test")
+    return loader(replace(cfg, loader="device"), images, labels, False, device)
+
+
+def evaluate_file(args, cfg, typed, device):
+    """``--evaluate``: print the L-sample and mean-network results of a checkpoint, or the
+    results of an exported network."""
+    if packed_file(args.evaluate):
+        return evaluate_packed(args, cfg, typed, device)
+    model, opt, cfg, source, note = load_network(args.evaluate, cfg, typed, device)
+    test = test_batches(cfg, args.data_root, device)
     val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16)
     mean = engine.evaluate_mean(model, opt, test, cfg.bf16)
-    print(f"Evaluated {path} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {source})")
+    print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {source})")
     print(note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
           f"(L={cfg.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
+    return EXIT_OK
+
+
+# ---- the exported network --------------------------------------------------------------------
+
+def packed_file(path):
+    """Whether ``path`` is meant as an exported network (by its content, or its name)."""
+    if path.endswith(".bnn"):
+        return True
+    try:
+        return checkpoint_field(path, "format") == checkpoint.PACKED
+    except Exception:
+        return False
+
+
+def checkpoint_field(path, key):
+    """One plain value of a file, read without loading its tensors."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+
+
+def export_file(args, cfg, typed, device):
+    """``--export FILE --out OUT``: the mean network sign(M) of a checkpoint, packed."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"{args.out} exists: choose another --out, or add --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {args.out}: the folder {folder} does not exist")
+    model, opt, cfg, source, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
+    means = {name: opt.state[p]["M"] for name, p in model.named_parameters() if is_binary(p)}
+    dataset = DATASETS[cfg.dataset]
+    exported = packed.pack(model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
+                           dataset.mean, dataset.std, f"{args.export} ({source})")
+    checkpoint.save_atomic(exported, args.out)
+    size = os.path.getsize(args.out)
+    full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
+    bits = sum(p.numel() for p in means.values())
+    print(f"Exported the mean network sign(M) of {args.export} ({cfg.model}, {cfg.dataset}; {source}) to "
+          f"{args.out}: {size / 1e6:.2f} MB, 1/{full / size:.1f} of its float32 state_dict ({full / 1e6:.1f} MB); "
+          f"{bits / 1e6:.2f} M binary weights in {bits / 8e6:.2f} MB of bits")
+    return EXIT_OK
+
+
+def evaluate_packed(args, cfg, typed, device):
+    """``--evaluate OUT.bnn``: the exported network's loss and accuracy on the test set."""
+    try:
+        content = packed.read_packed(args.evaluate)
+        model = packed.network_of(content, device)
+    except packed.PackedError as error:
+        raise CheckpointError(str(error)) from None
+    if "dataset" in typed and cfg.dataset != content["dataset"]:
+        raise CheckpointError(f"{args.evaluate} is a network for {content['dataset']}, not --dataset {cfg.dataset}")
+    cfg = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
+    result = engine.evaluate_deterministic(model, test_batches(cfg, args.data_root, device))
+    print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "
+          f"{content.get('source')})")
+    print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
+          f"(the mean network sign(M))")
     return EXIT_OK
 
 
@@ -618,6 +697,8 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
         if args.evaluate:
             return evaluate_file(args, cfg, typed, device)
+        if args.export:
+            return export_file(args, cfg, typed, device)
         return train(args, cfg, typed, device)
     except (UsageError, DatasetError, CheckpointError, RunInUse) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,17 +1,23 @@
 """Run one training recipe for several seeds on a set of device slots, then report.
 
-The benchmark scripts end with
+The benchmark scripts set their recipe and settings as environment variables and end
+with ``exec python3 run_seeds.py "$@"``:
 
-    python3 run_seeds.py --recipe resnet18_1w32a_cifar100 --seeds '2020 2024 1314' \\
-        --slots '0 1 2' --results_dir results -- <main.py arguments>
+    RECIPE        the configuration (config.RECIPES) the settings below change
+    K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH
+                  the settings (main.py's -K --scale -L --lr --wd --lr_decay
+                  --warmup_epochs --epochs -b --width); unset: the recipe's
+    SEEDS         the seeds, space-separated (default: the paper's five)
+    GPUS          the slots (default "0 1 2 3 4"); arguments given instead override it
+    DATA_ROOT, RESULTS_DIR
 
-The runs are named by ``config.run_name`` from the recipe and the settings among
-the main.py arguments (``resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_...``). A
-slot is a CUDA device index or ``cpu``. Each slot runs one seed at a time; seeds
+The runs are named by ``config.run_name`` from the recipe and the settings
+(``resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_...``). A slot is a CUDA device
+index or ``cpu``. Each slot runs one seed at a time; seeds
 beyond the number of slots wait and start as slots free up. A device named several
 times has several slots (``0 0 0 0 0``: five concurrent runs on GPU 0).
 
-Each run is ``main.py --recipe <recipe> <main.py arguments> --seed <s> --save <name>
+Each run is ``main.py --recipe <recipe> <settings> --seed <s> --save <name>
 --gpus <slot>``; its console output goes to ``results/<name>/console.log``. A run
 folder that already holds a checkpoint is resumed (``--resume``), or skipped if that
 checkpoint is at the last epoch: after an interruption the same command carries on
@@ -186,40 +192,54 @@ def failure_report(run):
     return "\n".join(lines)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", required=True, choices=sorted(config.RECIPES),
-                        help="the configuration the main.py arguments start from; it names the runs")
-    parser.add_argument("--seeds", required=True, help="space-separated integers")
-    parser.add_argument("--slots", required=True, help="space-separated CUDA device indices or 'cpu'")
-    parser.add_argument("--results_dir", default="./results")
-    parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the arguments for main.py")
-    args = parser.parse_args(argv)
+# The environment variables of the settings, and the main.py options they set.
+SETTINGS = {"K": "-K", "S": "--scale", "L": "-L", "LR": "--lr", "WD": "--wd", "LR_DECAY": "--lr_decay",
+            "WARMUP_EPOCHS": "--warmup_epochs", "EPOCHS": "--epochs", "BATCH": "-b", "WIDTH": "--width"}
+PAPER_SEEDS = "2020 2024 1314 512 2333"
+
+
+def usage_error(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(argv, env):
+    """The recipe, seeds, slots, results folder and main.py arguments the environment
+    and the arguments (slots) ask for; exit status 2 with one line for bad ones."""
+    recipe = env.get("RECIPE", "")
+    if recipe not in config.RECIPES:
+        usage_error(f"RECIPE must be one of {', '.join(sorted(config.RECIPES))}, got {recipe!r}")
     try:
-        args.seeds = [int(s) for s in args.seeds.split()]
+        seeds = [int(s) for s in env.get("SEEDS", PAPER_SEEDS).split()]
     except ValueError:
-        parser.error(f"seeds must be integers, got {args.seeds!r}")
-    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"give one or more different seeds, got {args.seeds}")
-    args.slots = args.slots.split()
-    bad = [s for s in args.slots if s != "cpu" and not s.isdigit()]
-    if not args.slots or bad:
-        parser.error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(args.slots) or 'none'}")
-    args.main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+        usage_error(f"SEEDS must be integers, got {env['SEEDS']!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        usage_error(f"give one or more different seeds, got {seeds}")
+    slots = argv or env.get("GPUS", "0 1 2 3 4").split()
+    bad = [s for s in slots if s != "cpu" and not s.isdigit()]
+    if not slots or bad:
+        usage_error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(slots) or 'none'}")
+    main_args = ["--data_root", env.get("DATA_ROOT", "./datasets")]
+    for variable, option in SETTINGS.items():
+        if env.get(variable, "") != "":
+            main_args += [option, env[variable]]
     settings = argparse.ArgumentParser(add_help=False)
-    config.add_arguments(settings, config.RECIPES[args.recipe])
-    args.config = config.from_args(settings.parse_known_args(args.main_args)[0])
-    return args
+    config.add_arguments(settings, config.RECIPES[recipe])
+    try:
+        cfg = config.from_args(settings.parse_args(main_args[2:]))
+    except SystemExit:
+        usage_error(f"a setting is not valid: {' '.join(main_args[2:])}")
+    return recipe, cfg, seeds, slots, env.get("RESULTS_DIR", "./results"), main_args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    runs = [Run(seed, config.run_name(args.recipe, args.config, seed), args.results_dir)
-            for seed in args.seeds]
-    say(f"{len(runs)} seeds on the slots {' '.join(args.slots)}; logs in {args.results_dir}/")
+    recipe, cfg, seeds, slots, results_dir, main_args = parse(sys.argv[1:] if argv is None else argv,
+                                                             os.environ)
+    runs = [Run(seed, config.run_name(recipe, cfg, seed), results_dir) for seed in seeds]
+    say(f"{len(runs)} seeds of {recipe} on the slots {' '.join(slots)}; logs in {results_dir}/")
     to_run = [run for run in runs if plan(run)]
-    signum = run_all(to_run, args.slots, args.recipe, args.main_args)
-    print(table(runs, config.run_name(args.recipe, args.config)))
+    signum = run_all(to_run, slots, recipe, main_args)
+    print(table(runs, config.run_name(recipe, cfg)))
     for run in runs:  # runs stopped by our own signal are not failures
         if run.returncode not in (None, 0) and not (signum and run.returncode in STOPPED):
             print(failure_report(run))

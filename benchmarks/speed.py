@@ -109,7 +109,7 @@ def prepare(mode, name, data, args, device):
     cfg = Config(**dict(RECIPES[f"{name}_1w32a_cifar100"].to_dict(), width=args.width, L=args.L,
                         bf16=mode == "c", eval_batch_size=256 if mode == "a" else 1000))
     fmt = torch.channels_last if device.type == "cuda" and mode != "a" else torch.contiguous_format
-    model = build_model(cfg.model, cfg.num_classes, cfg.width).to(device, memory_format=fmt)
+    model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size).to(device, memory_format=fmt)
     opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
                 S=cfg.scale, fused=False if mode == "a" else None, seed=0)
     spec = DATASETS[cfg.dataset]

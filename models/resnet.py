@@ -88,11 +88,13 @@ class BasicBlock1W1A(nn.Module):
 
 class ResNet18(nn.Module):
     """``block`` is BasicBlock (1W32A) or BasicBlock1W1A; ``width`` is the first
-    stage's width (64 in the paper; smaller for quick runs)."""
+    stage's width (64 in the paper; smaller for quick runs). ``stem_stride`` 2 makes
+    it the authors' Tiny-ImageNet network (64x64 images; they choose it by the number
+    of classes, 200), whose layer4 then sees the 4x4 maps of CIFAR."""
 
-    def __init__(self, block, num_classes, width):
+    def __init__(self, block, num_classes, width, stem_stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, width, 3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight)
         self.bn1 = nn.BatchNorm2d(width)
         in_planes = width
@@ -121,11 +123,12 @@ class ResNet18(nn.Module):
         return self.body(self.stem(x))
 
 
-def resnet18(num_classes=100, width=64):
-    """Binary weights, real activations (the paper's CIFAR-100 / CIFAR-10 1W32A network)."""
-    return ResNet18(BasicBlock, num_classes, width)
+def resnet18(num_classes=100, width=64, image_size=32):
+    """Binary weights, real activations (the paper's CIFAR-100 / CIFAR-10 1W32A network;
+    with 64x64 images, the Tiny-ImageNet one)."""
+    return ResNet18(BasicBlock, num_classes, width, stem_stride=image_size // 32)
 
 
-def resnet18_1w1a(num_classes=10, width=64):
+def resnet18_1w1a(num_classes=10, width=64, image_size=32):
     """Binary weights and activations (the authors' ``resnet18_1w1a_cifar``, C2)."""
-    return ResNet18(BasicBlock1W1A, num_classes, width)
+    return ResNet18(BasicBlock1W1A, num_classes, width, stem_stride=image_size // 32)

@@ -2,6 +2,7 @@
 names, the summary table against the logs, queueing on slots, a failed run, and
 resuming or skipping existing runs."""
 import hashlib
+import json
 import os
 import re
 import signal
@@ -55,8 +56,9 @@ def files_digest(folder):
     return digest
 
 
-@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
-def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root, model):
+def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root):
+    """(The scripts differ only in the recipe they show: test_the_settings_a_script_shows_are_its_recipe.)"""
+    model = "resnet18"
     results = tmp_path / "results"
     result = benchmark(model, results, data_root, GPUS="cpu cpu", SEEDS="11 12")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -169,17 +171,40 @@ def test_bad_slot_is_refused(tmp_path, data_root):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
-def test_the_settings_a_script_shows_are_its_recipe(model):
+ALL_SCRIPTS = {"benchmark_cifar100_resnet18_1W32A.sh": "resnet18_1w32a_cifar100",
+               "benchmark_cifar100_vgg16_1W32A.sh": "vgg16_1w32a_cifar100",
+               "benchmark/Benchmark_cifar10_resnet18_1w32a.sh": "resnet18_1w32a_cifar10",
+               "benchmark/Benchmark_cifar10_vgg16_1w32a.sh": "vgg16_1w32a_cifar10",
+               "benchmark/Benchmark_cifar10_resnet18_1w1a.sh": "resnet18_1w1a_cifar10",
+               "benchmark/Benchmark_cifar10_vggsmall_1w1a.sh": "vgg_small_1w1a_cifar10"}
+
+
+@pytest.mark.parametrize("script", list(ALL_SCRIPTS))
+def test_the_settings_a_script_shows_are_its_recipe(script):
     """Each script shows every setting at its top; config.py holds the recipe once, and
     the two must say the same."""
-    text = open(os.path.join(REPO, SCRIPTS[model])).read()
-    shown = dict(re.findall(r"^([A-Z_]+)=\$\{\1:-\"?([^}\"]*)\"?\}", text, re.M))
-    recipe = config.RECIPES[re.search(r"^RECIPE=(\S+)", text, re.M).group(1)]
-    assert recipe.model == model and recipe.dataset == "cifar100"
+    text = open(os.path.join(REPO, script)).read()
+    shown = dict(re.findall(r"^export ([A-Z_]+)=\$\{\1:-\"?([^}\"]*)\"?\}", text, re.M))
+    assert re.search(r"^export RECIPE=(\S+)$", text, re.M).group(1) == ALL_SCRIPTS[script]
+    recipe = config.RECIPES[ALL_SCRIPTS[script]]
     as_shown = {"K": recipe.K, "S": recipe.scale, "L": recipe.L, "LR": recipe.lr, "WD": recipe.wd,
                 "LR_DECAY": recipe.lr_decay, "WARMUP_EPOCHS": recipe.warmup_epochs,
                 "EPOCHS": recipe.epochs, "BATCH": recipe.batch_size, "WIDTH": recipe.width}
     for variable, value in as_shown.items():
         assert shown[variable] == config.number(value), variable
     assert shown["SEEDS"] == "2020 2024 1314 512 2333"
+
+
+def test_a_1w1a_script_runs_the_fully_binary_recipe(tmp_path, cifar10_root):
+    """VGG-Small 1W1A at a small width, one seed on the CPU: the run is named after the
+    authors' recipe and trains with its settings (K=4, lr 0.5, weight decay 1e-5)."""
+    results = tmp_path / "results"
+    result = run_script("benchmark/Benchmark_cifar10_vggsmall_1w1a.sh", GPUS="cpu", SEEDS="3", EPOCHS=1,
+                        WIDTH=8, L=2, BATCH=100, DATA_ROOT=cifar10_root, RESULTS_DIR=results)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = ("vgg_small_1w1a_cifar10_seed=3_benchmark_K=4_S=100_L=2_wd=1e-5_lr=0.5_cos_epochs=1"
+            "_width=8_batch=100")
+    settings = json.load(open(results / name / "config.json"))
+    assert (settings["model"], settings["K"], settings["lr"], settings["wd"], settings["width"]) == \
+        ("vgg_small", 4, 0.5, 1e-5, 8)
+    assert read_log(results, name)[1][2] == 1

@@ -15,10 +15,27 @@ def test_the_defaults_are_the_papers_recipe():
     assert (c.K, c.scale, c.L, c.lr, c.warmup_epochs, c.lr_decay, c.momentum, c.wd, c.batch_size,
             c.epochs, c.width, c.projection) == (8, 100.0, 40, 0.1, 5, "cos", 0.9, 5e-4, 256, 500, 64, "none")
     assert RECIPES["resnet18_1w32a_cifar100"] == c
-    for name, recipe in RECIPES.items():
-        model, mode, dataset = name.split("_")
-        assert (recipe.model, recipe.dataset, mode) == (model, dataset, "1w32a")
-        assert replace(recipe, model="resnet18", dataset="cifar100") == c
+    for model in ("vgg16", "resnet18"):
+        for dataset in ("cifar100", "cifar10"):
+            recipe = RECIPES[f"{model}_1w32a_{dataset}"]
+            assert (recipe.model, recipe.dataset) == (model, dataset)
+            assert replace(recipe, model="resnet18", dataset="cifar100") == c
+
+
+@pytest.mark.parametrize("name, model", [("vgg_small_1w1a_cifar10", "vgg_small"),
+                                         ("resnet18_1w1a_cifar10", "resnet18_1w1a")])
+def test_the_1w1a_recipes_are_the_authors(name, model):
+    """EXTENDED.md C1, C2: K=4, S=100, L=40, lr 0.5, weight decay 1e-5, 600 epochs, batch
+    256, CIFAR-10, the paper's widths (VGG-Small's first layer is 128 wide)."""
+    r = RECIPES[name]
+    assert (r.model, r.dataset, r.K, r.scale, r.L, r.lr, r.wd, r.epochs, r.batch_size, r.warmup_epochs,
+            r.momentum) == (model, "cifar10", 4, 100.0, 40, 0.5, 1e-5, 600, 256, 5, 0.9)
+    assert r.width == (128 if model == "vgg_small" else 64)
+
+
+def test_the_width_defaults_to_the_papers_network():
+    assert Config(model="vgg_small").width == 128 and Config(model="alexnet_1w1a").width == 96
+    assert Config(model="vgg_small", width=16).width == 16
 
 
 def test_the_options_are_made_from_the_config():
@@ -32,14 +49,29 @@ def test_the_options_are_made_from_the_config():
     assert len(parser._actions) == 1 + len(fields(Config))  # --help and one option per setting
 
 
-@pytest.mark.parametrize("argv", [["--lr", "inf"], ["--lr", "nan"], ["-K", "-1"], ["--scale", "0"],
-                                  ["--epochs", "0"], ["--model", "resnet50"]])
-def test_invalid_values_are_refused_by_the_options(argv):
+@pytest.mark.parametrize("argv, message", [
+    (["-K", "-1"], "argument -K: must be >= 0, got -1"),
+    (["-L", "0"], "argument -L: must be >= 1, got 0"),
+    (["--scale", "0"], "argument -scale/--scale: must be > 0, got 0"),
+    (["--scale", "inf"], "argument -scale/--scale: must be a finite number, got inf"),
+    (["-b", "1"], "argument -b/--batch-size: must be >= 2, got 1"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["--lr", "-0.1"], "argument --lr: must be >= 0, got -0.1"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--seed", "123456789012345678901234567890"], "argument --seed: must be <= 9223372036854775807"),
+    (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
+    (["--model", "resnet50"], "argument --model: unknown model 'resnet50'; choose one of: alexnet_1w1a"),
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+])
+def test_invalid_values_are_refused_by_the_options(argv, message, capsys):
     import argparse
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="main.py")
     config.add_arguments(parser, Config())
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         parser.parse_args(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_typed_settings_are_those_on_the_command_line_whatever_their_value():

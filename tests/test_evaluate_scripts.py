@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import normalize
-from data.synthetic import write_cifar
+from data import DATASETS, normalize
+from data.synthetic import structured_images, write_cifar
 from models import build_model, released as released_layout
 from optim import VISPA
 from utils import checkpoint
@@ -46,8 +46,12 @@ LAYOUTS = {
 
 def key_list(model, layout="head"):
     """[(key, shape, dtype)] of the released checkpoint of ``model`` in ``layout``."""
+    return read_key_file(LAYOUTS[model, layout])
+
+
+def read_key_file(name):
     keys = []
-    with open(os.path.join(REFERENCE, LAYOUTS[model, layout])) as f:
+    with open(os.path.join(REFERENCE, name)) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
                 key, shape, dtype = line.split()
@@ -186,11 +190,18 @@ def released(request, tmp_path_factory):
     made["path"].unlink()
 
 
-@pytest.fixture(scope="module", params=["resnet18", "vgg16"])
-def head(request, tmp_path_factory):
-    """Today's layout with zero factors: the file the tests below edit."""
-    return make_released(tmp_path_factory.mktemp(f"head-{request.param}"), request.param, "head",
-                         random_Z=False)
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """``heads(model)``: today's layout with zero factors, the file the tests below edit
+    (made once per module). The refusals do not depend on the network: each is tried on
+    one of the two, the classifier's on both."""
+    made = {}
+
+    def get(model):
+        if model not in made:
+            made[model] = make_released(tmp_path_factory.mktemp(f"head-{model}"), model, "head", random_Z=False)
+        return made[model]
+    return get
 
 
 def evaluate(model, *args, data_root, L=2):
@@ -265,7 +276,8 @@ def edited_file(head, name, edit):
     return str(path)
 
 
-def test_released_layout_with_a_renamed_key_is_refused(head):
+def test_released_layout_with_a_renamed_key_is_refused(heads):
+    head = heads("resnet18")
     first_m = next(k for k in head["state_dict"] if k.endswith(".M"))
     renamed = first_m[:-1] + "mean"
     path = edited_file(head, "renamed.pth.tar", lambda sd: sd.update({renamed: sd.pop(first_m)}))
@@ -273,7 +285,8 @@ def test_released_layout_with_a_renamed_key_is_refused(head):
                        f"missing: {first_m}", f"unexpected: {renamed}")
 
 
-def test_K_is_read_from_the_file_and_a_contradicting_K_is_refused(head):
+def test_K_is_read_from_the_file_and_a_contradicting_K_is_refused(heads):
+    head = heads("vgg16")
     def rank_4(sd):
         for key in [k for k in sd if k.endswith(".Z")]:
             sd[key] = torch.zeros(1).expand(4, *sd[key].shape[1:])
@@ -286,7 +299,8 @@ def test_K_is_read_from_the_file_and_a_contradicting_K_is_refused(head):
     assert_clear_error(contradicted, "holds K=4 (the first dimension of its Z), not the -K 8 asked for")
 
 
-def test_Z_tensors_of_different_ranks_are_refused(head):
+def test_Z_tensors_of_different_ranks_are_refused(heads):
+    head = heads("resnet18")
     def mixed(sd):
         first = next(k for k in sd if k.endswith(".Z"))
         sd[first] = torch.zeros(1).expand(4, *sd[first].shape[1:])
@@ -295,7 +309,8 @@ def test_Z_tensors_of_different_ranks_are_refused(head):
                        "its Z tensors have different ranks: [4, 8]")
 
 
-def test_a_sample_tensor_that_is_not_zero_is_refused(head):
+def test_a_sample_tensor_that_is_not_zero_is_refused(heads):
+    head = heads("vgg16")
     layers = [k[:-len(".M")] for k in head["state_dict"] if k.endswith(".M")]
 
     def with_samples(sd):
@@ -306,8 +321,10 @@ def test_a_sample_tensor_that_is_not_zero_is_refused(head):
                        f"{layers[3]}.sample is not zero: the authors' .sample tensors are unused zeros")
 
 
-def test_released_layout_with_another_number_of_classes_is_refused(head):
+@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
+def test_released_layout_with_another_number_of_classes_is_refused(heads, model):
     """The classifier's weight with 10 rows (the rest of the file unchanged)."""
+    head = heads(model)
     classifier = "module.linear.weight" if head["model"] == "resnet18" else "module.fc16.M"
     path = edited_file(head, "c10.pth.tar", lambda sd: sd.update({classifier: sd[classifier][:10]}))
     assert_clear_error(evaluate(head["model"], path, data_root=head["data_root"]),
@@ -326,8 +343,8 @@ class RunsCode:
         return open, (self.path, "w")
 
 
-@pytest.mark.parametrize("model", ["resnet18", "vgg16"])
-def test_a_pickled_object_is_refused_and_never_run(tmp_path, model, cifar100_root):
+def test_a_pickled_object_is_refused_and_never_run(tmp_path, cifar100_root):
+    model = "vgg16"
     marker = tmp_path / "this-file-must-not-appear"
     path = tmp_path / "evil.pth.tar"
     torch.save({"epoch": 1, "state_dict": {}, "fp_regime": RunsCode(str(marker))}, path)
@@ -390,3 +407,62 @@ def test_own_checkpoint_evaluates_to_its_logged_mean_network(tmp_path, cifar100_
 
     other = evaluate("vgg16", str(tmp_path / "run" / "model_best.pth.tar"), data_root=data_root, L=3)
     assert_clear_error(other, "holds another network than the one asked for", "model=vgg16 (checkpoint: resnet18)")
+
+
+# ---- the authors' fully binary (1W1A) CIFAR-10 networks -------------------------------------------
+
+SCRIPTS_1W1A = {"resnet18_1w1a": ("evaluation/evaluate_cifar10_resnet18_1W1A.sh", "resnet18_1w1a_cifar10"),
+                "vgg_small": ("evaluation/evaluate_cifar10_vgg-small_1W1A.sh", "vgg-small_1w1a_cifar10")}
+
+
+def with_samples(keys):
+    """The layout of the authors' code of 2024: an unused zero ``<layer>.sample`` (1 x K)
+    after every ``<layer>.Z`` (EXTENDED.md section 5.3)."""
+    out = []
+    for key, shape, dtype in keys:
+        out.append((key, shape, dtype))
+        if key.endswith(".Z"):
+            out.append((key[:-1] + "sample", (1, shape[0]), dtype))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_cifar10(tmp_path_factory):
+    """20 test images: a full-size network evaluates them in a moment."""
+    root = tmp_path_factory.mktemp("small-cifar10")
+    write_cifar(str(root), "cifar10", *structured_images(10, NUM_TEST, 10, seed=7))
+    return str(root)
+
+
+@pytest.mark.parametrize("layout", ["head", "sample"])
+@pytest.mark.parametrize("model", list(SCRIPTS_1W1A))
+def test_the_authors_1w1a_files_evaluate_in_both_layouts(model, layout, tmp_path, small_cifar10):
+    """A full-size file in the authors' 1W1A layout (and with the .sample tensors of their
+    code of 2024) through its evaluate script: K read from the file, and the mean
+    network's top-1 that of the network the file describes."""
+    script, keys = SCRIPTS_1W1A[model]
+    keys = read_key_file(f"{keys}_state_dict_keys.txt")
+    keys = with_samples(keys) if layout == "sample" else keys
+    generator = torch.Generator().manual_seed(5)
+    state_dict = {key: random_tensor(key, shape, dtype, generator, random_Z=False) for key, shape, dtype in keys}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 600, "model": model, "config": "", "state_dict": state_dict, "best_prec1": 92.7,
+                "fp_regime": {}}, path)
+    result = run_script(script, str(path), DATA_ROOT=small_cifar10, L=2, GPU="cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"({model}, cifar10, K=4; released checkpoint, epoch 600" in result.stdout
+    samples = sum(key.endswith(".sample") for key in state_dict)  # 16 in ResNet18, 5 in VGG-Small
+    assert (f"its {samples} unused .sample tensors (zeros) were left out" in result.stdout) == (layout == "sample")
+
+    network = build_model(model, num_classes=10)
+    opt = VISPA(network.parameters(), lr=0.1, K=4)
+    found = released_layout.from_released(state_dict, network)
+    network.load_state_dict(found.model_state)
+    params = dict(network.named_parameters())
+    for name, (M, Z) in found.distributions.items():
+        opt.set_distribution(params[name], M, Z)
+    images, labels = DATASETS["cifar10"].read(small_cifar10, "test")
+    network.eval()
+    with torch.no_grad():
+        top1 = (network(normalize(images, MEAN, STD)).argmax(1) == labels).double().mean().item() * 100
+    assert results_line(result.stdout).endswith(f"mean network Prec@1 {top1:.2f}")

@@ -109,7 +109,11 @@ def test_binary_layer_scales_each_output_channel():
 
 
 def test_aliases_of_the_released_code_name_the_same_networks():
-    assert {canonical_name(a) for a in ALIASES} == {"resnet18", "vgg16"}
+    """The authors' factory names (EXTENDED.md section 0) name ours."""
+    assert {a: canonical_name(a) for a in ALIASES} == {
+        "resnet18_1w32a_cifar": "resnet18", "vgg16_cifar100_sdp": "vgg16", "vgg16_cifar10_sdp": "vgg16",
+        "resnet18_1w1a_cifar": "resnet18_1w1a", "vgg_small_cifar10_sdp": "vgg_small",
+        "resnet18_1w1a_recu": "birealnet18", "resnet18_1w32a": "resnet18_imagenet"}
     with pytest.raises(ValueError, match="unknown model"):
         canonical_name("resnet50")
 

@@ -21,7 +21,8 @@ import threading
 import numpy as np
 import torch
 
-FORMAT = "vispa-checkpoint"
+FORMAT = "vispa-checkpoint"        # a training checkpoint of this program
+PACKED = "vispa-binary-network"     # a trained network exported for inference (models/packed.py)
 # 2: the ResNet18 stem without ReLU (the authors' network); VISPA's own generator of draws.
 # Files without a "version" are of format 1.
 VERSION = 2
@@ -62,10 +63,14 @@ def content_digest(obj) -> str:
     return digest.hexdigest()
 
 
+# Our file formats that carry a content digest, from which version on.
+DIGESTED = {FORMAT: 2, PACKED: 1}
+
+
 def _ours(obj):
-    """One of our checkpoints of a format that carries a digest (2 and later)."""
-    return (isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("version"), int)
-            and obj["version"] >= 2)
+    """One of our files of a format version that carries a digest."""
+    return (isinstance(obj, dict) and obj.get("format") in DIGESTED and isinstance(obj.get("version"), int)
+            and obj["version"] >= DIGESTED[obj["format"]])
 
 
 class _Writer:
@@ -220,9 +225,11 @@ def load(path: str, map_location="cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what = f" (it names {found.group(1)})" if found else ""
+        if found is None:  # not a pickle of ours at all (a text file, garbage)
+            raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
+                                  f"(it is not a pickle of plain data)") from None
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain data, which could run code{what}") from None
+                              f"plain data, which could run code (it names {found.group(1)})") from None
     except Exception as error:
         first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
