@@ -89,6 +89,14 @@ class Config:
                            help="'device': the dataset stays on the training device and batches are "
                                 "augmented there; 'torchvision': the released code's DataLoader with "
                                 "PIL transforms (slower)")
+    virtual_ranks: int = _setting(1, "--virtual-ranks", type=_number(int, low=1),
+                                  help="N: every step on this device is N ranks' step, as N GPUs make it "
+                                       "with torchrun: N weight samples, each on its own batch with its own "
+                                       "BatchNorm statistics, their gradients averaged (the running "
+                                       "statistics are the first rank's); with torchrun, each rank has N")
+    scale_lr: bool = _setting(False, "--scale-lr",
+                              help="multiply --lr by batch x ranks / 256, as the authors' ImageNet program "
+                                   "does (their ImageNet recipes)")
     workers: int = _setting(4, "-j", "--workers", type=_number(int, low=0),
                             help="data-loading processes (only for --loader torchvision, where each "
                                  "worker draws its own augmentations)")
@@ -151,6 +159,7 @@ RECIPES = {
     "vgg16_1w32a_cifar10": Config(model="vgg16", dataset="cifar10"),
     "vgg_small_1w1a_cifar10": Config(model="vgg_small", **_1W1A),
     "resnet18_1w1a_cifar10": Config(model="resnet18_1w1a", **_1W1A),
+    "resnet18_1w32a_tiny-imagenet": Config(model="resnet18", dataset="tiny-imagenet"),
 }
 DEFAULT_RECIPE = "resnet18_1w32a_cifar100"
 assert RECIPES[DEFAULT_RECIPE] == Config()
@@ -158,7 +167,8 @@ assert RECIPES[DEFAULT_RECIPE] == Config()
 # The settings a run name states after the recipe's own (when they differ from it), by
 # the word the name uses. Settings that do not change the computed function are not named.
 NAMED_IF_CHANGED = {"width": "width", "batch_size": "batch", "warmup_epochs": "warmup",
-                    "momentum": "momentum", "projection": "projection", "bf16": "bf16"}
+                    "momentum": "momentum", "projection": "projection", "bf16": "bf16",
+                    "virtual_ranks": "ranks", "scale_lr": "scale_lr"}
 
 
 def add_arguments(parser, defaults):

@@ -11,13 +11,32 @@ One training step, in this order: the batch -> inside
 binary weights, the loss, backward (leaving the context turns this sample's weight
 gradient into M and Z gradients) -> ``opt.step()`` -> loss and accuracy
 accumulated on the device (read once, at the end).
+
+A step of N ranks (``Ranks``): each rank draws its own sample of the binary weights
+and trains it on its own batch, with BatchNorm statistics of that batch; the step
+applies the average of the N samples' gradients, and the running statistics are
+those of rank 0. The N ranks may be N processes (torchrun: ``average`` all-reduces
+the gradients), N virtual ranks of one process (one batch each, in turn, then
+VISPA's average over the samples it collected), or both.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from utils.meters import Accumulator
+
+
+@dataclass
+class Ranks:
+    """How this process takes part in a step: one sample per virtual rank, each drawn
+    from its own generator, in turn; then ``average`` makes the gradients the mean over
+    the processes, and ``total`` sums a tensor over them (None: one process)."""
+    generators: list = field(default_factory=lambda: [None])
+    average: Optional[Callable] = None
+    total: Optional[Callable] = None
 
 
 def _device(model):
@@ -33,27 +52,62 @@ def full_precision(logits):
     return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
-def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False) -> dict:
-    """One pass over ``batches``, one sample of the binary weights per step. The
-    learning rate of step i is ``lr_at(first_iteration + i)`` (set before the step)."""
+def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False, ranks=None) -> dict:
+    """One pass over ``batches``. Each step takes one batch per virtual rank of ``ranks``
+    (one without), in turn; the learning rate of step i is ``lr_at(first_iteration + i)``
+    (set before the step)."""
+    ranks = ranks or Ranks()
     device = _device(model)
     model.train()
     meter = Accumulator(device)
-    for i, (images, labels) in enumerate(batches):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    for i, step in enumerate(_groups(batches, len(ranks.generators))):
         lr = lr_at(first_iteration + i)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        with opt.sampled_params(train=True):
-            with autocast(device, bf16):
-                logits = model(images)
-            loss = F.cross_entropy(full_precision(logits), labels)
-            loss.backward()
+        for k, ((images, labels), generator) in enumerate(zip(step, ranks.generators)):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with _running_statistics_kept(model, k > 0), opt.sampled_params(train=True, generator=generator):
+                with autocast(device, bf16):
+                    logits = model(images)
+                loss = F.cross_entropy(full_precision(logits), labels)
+                loss.backward()
+            meter.add(loss, logits, labels)
+        if ranks.average is not None:
+            ranks.average(opt.collected_gradients())
         opt.step()
-        meter.add(loss, logits, labels)
-    return meter.result()
+    return meter.result(ranks.total)
+
+
+def _groups(batches, n):
+    """Consecutive groups of ``n`` batches (an incomplete last group is left out: the
+    iterable ended early)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+@contextmanager
+def _running_statistics_kept(model, kept):
+    """With ``kept``, the BatchNorm running statistics are as before once the enclosed
+    forward pass is over: the ranks after the first move their batch statistics, not
+    the running ones (the running statistics of a multi-GPU run are rank 0's)."""
+    if not kept:
+        yield
+        return
+    buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 @torch.no_grad()
@@ -75,9 +129,10 @@ def predict(model, opt, images, labels, L, bf16=False):
 
 
 @torch.no_grad()
-def evaluate(model, opt, batches, L, bf16=False) -> dict:
+def evaluate(model, opt, batches, L, bf16=False, total=None) -> dict:
     """Loss, top-1 and top-5 of the L-sample protocol (``predict``) over ``batches``,
-    BatchNorm on its running statistics."""
+    BatchNorm on its running statistics. ``total`` sums the counts over the processes
+    (each evaluates its shard)."""
     device = _device(model)
     model.eval()
     meter = Accumulator(device)
@@ -86,18 +141,18 @@ def evaluate(model, opt, batches, L, bf16=False) -> dict:
         labels = labels.to(device, non_blocking=True)
         logits, loss = predict(model, opt, images, labels, L, bf16)
         meter.add(loss, logits, labels)
-    return meter.result()
+    return meter.result(total)
 
 
 @torch.no_grad()
-def evaluate_mean(model, opt, batches, bf16=False) -> dict:
+def evaluate_mean(model, opt, batches, bf16=False, total=None) -> dict:
     """The same for the deterministic network b = sign(M): the one binary network to deploy."""
     with opt.mean_params():
-        return evaluate_deterministic(model, batches, bf16)
+        return evaluate_deterministic(model, batches, bf16, total)
 
 
 @torch.no_grad()
-def evaluate_deterministic(model, batches, bf16=False) -> dict:
+def evaluate_deterministic(model, batches, bf16=False, total=None) -> dict:
     """Loss, top-1 and top-5 of a network as it is (an exported one, say)."""
     device = _device(model)
     model.eval()
@@ -108,7 +163,7 @@ def evaluate_deterministic(model, batches, bf16=False) -> dict:
         with autocast(device, bf16):
             logits = full_precision(model(images))
         meter.add(F.cross_entropy(logits, labels), logits, labels)
-    return meter.result()
+    return meter.result(total)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ class Dataset:
     mean: tuple
     std: tuple
     read_split: Callable        # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
-    augment: Callable           # the training augmentation on the device: uint8 batch -> uint8 batch
+    augment: Callable           # the training augmentation on the device: (uint8 batch, generator) -> uint8 batch
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
 
     def read(self, root: str, split: str):
@@ -37,10 +37,12 @@ class Dataset:
         val/ folder); DatasetError if missing or unreadable."""
         return self.read_split(root, self.name, split)
 
-    def loader(self, images, labels, batch_size, train, device, memory_format=torch.contiguous_format):
-        """Batches on ``device`` (see DeviceLoader), augmented when ``train``."""
+    def loader(self, images, labels, batch_size, train, device, memory_format=torch.contiguous_format,
+               shards=(0,), world=1, seed=0):
+        """Batches on ``device`` (see DeviceLoader: the shards of a rank among ``world``),
+        augmented when ``train``."""
         return DeviceLoader(images, labels, batch_size, train, device, self.mean, self.std,
-                            self.augment if train else None, memory_format)
+                            self.augment if train else None, memory_format, shards, world, seed)
 
     def reference_loader(self, images, labels, batch_size, train, workers):
         """The same batches from the authors' pipeline (torchvision, PIL, workers)."""

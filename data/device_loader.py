@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils import seeds
+
 
 @functools.lru_cache(maxsize=None)
 def _constants(mean, std, device):
@@ -28,16 +30,16 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return images.float().div(255).sub_(m).div_(s)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int, generator=None) -> torch.Tensor:
     """Per image: zero-pad by ``padding`` pixels, crop a random window of the image's
     size, flip horizontally with probability 1/2 (torchvision's ``RandomCrop(size,
     padding)`` + ``RandomHorizontalFlip()``) - all images of the batch in one gather."""
     n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device)
-    flip = torch.rand(n, 1, device=device) < 0.5
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    flip = torch.rand(n, 1, device=device, generator=generator) < 0.5
     rows = dy + torch.arange(h, device=device)
     columns = torch.arange(w, device=device)
     cols = dx + torch.where(flip, w - 1 - columns, columns)
@@ -47,7 +49,8 @@ def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
                   cols.view(n, 1, 1, w)]
 
 
-def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu",
+                       generator=None):
     """``n`` crop boxes (top, left, box height, box width), int64 tensors of shape (n,),
     drawn as torchvision's ``RandomResizedCrop.get_params`` draws one for a ``height`` x
     ``width`` image: up to 10 attempts, each an area fraction uniform in ``scale`` and an
@@ -56,8 +59,9 @@ def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     all fail gets the centre crop of the fallback (the whole image, cut to the nearest
     allowed aspect ratio). All attempts of all images are drawn at once."""
     attempts = 10
-    area = torch.empty(n, attempts, device=device).uniform_(*scale) * (height * width)
-    log_ratio = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    area = torch.empty(n, attempts, device=device).uniform_(*scale, generator=generator) * (height * width)
+    log_ratio = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                 generator=generator)
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(area * aspect))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(area / aspect))
@@ -66,8 +70,8 @@ def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     found = fits.any(1)
     w = w.gather(1, first).squeeze(1).long()
     h = h.gather(1, first).squeeze(1).long()
-    top = (torch.rand(n, device=device) * (height - h + 1)).floor().long()
-    left = (torch.rand(n, device=device) * (width - w + 1)).floor().long()
+    top = (torch.rand(n, device=device, generator=generator) * (height - h + 1)).floor().long()
+    left = (torch.rand(n, device=device, generator=generator) * (width - w + 1)).floor().long()
     # the fallback, as get_params: whole image unless its aspect ratio is outside ``ratio``
     if width / height < min(ratio):
         fallback_w, fallback_h = width, int(round(width / min(ratio)))
@@ -127,27 +131,38 @@ def resized_crop_flip(images: torch.Tensor, top, left, height, width, flip, size
 
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.08, 1.0),
-                             ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+                             ratio=(3 / 4, 4 / 3), generator=None) -> torch.Tensor:
     """torchvision's ``RandomResizedCrop(size, scale, ratio)`` + ``RandomHorizontalFlip()``
     on a uint8 batch (N, C, H, W), each image with its own box (``resized_crop_boxes``) and
     flip, the whole batch at once on its device; uint8 (N, C, size, size) out."""
     n, _, h, w = images.shape
-    boxes = resized_crop_boxes(n, h, w, scale, ratio, images.device)
-    flip = torch.rand(n, device=images.device) < 0.5
+    boxes = resized_crop_boxes(n, h, w, scale, ratio, images.device, generator)
+    flip = torch.rand(n, device=images.device, generator=generator) < 0.5
     return resized_crop_flip(images, *boxes, flip, size)
 
 
 class DeviceLoader:
-    """Batches of a dataset held on ``device`` as one uint8 tensor.
+    """Batches of a dataset held on ``device`` as one uint8 tensor, for one rank (or
+    several: the virtual ranks of one process) of a run on ``world`` ranks.
 
-    Training: a fresh random order every epoch, ``augment`` (uint8 batch -> uint8
-    batch), and no batch of a single image (BatchNorm cannot train on it: such a
-    last batch is dropped). Evaluation: the stored order, no augmentation. Batches
-    are float32, normalised with ``mean`` and ``std``, in ``memory_format``.
+    Training: every epoch a new order of the whole set, the same on every rank (drawn
+    from ``seed`` and the epoch number), dealt into ``world`` shards as torch's
+    DistributedSampler deals them (shard g takes every world-th image of the order,
+    padded by wrapping around so that the shards are equally long). This loader
+    batches the shards ``shards`` and yields, step by step, one batch of each, in the
+    order of ``shards``. Each shard's augmentation draws from a generator of its own,
+    so a shard gets the same batches whichever process holds it. No batch of a single
+    image (BatchNorm cannot train on it: such a last batch is dropped).
+
+    Evaluation: the stored order, no augmentation; with ``world`` > 1, shard g is the
+    g-th contiguous slice of the set, so that the ranks see every image once.
+
+    Batches are float32, normalised with ``mean`` and ``std``, in ``memory_format``.
+    ``state_dict`` holds what a resumed run needs: the epoch and the generators.
     """
 
     def __init__(self, images, labels, batch_size, train, device, mean, std, augment=None,
-                 memory_format=torch.contiguous_format):
+                 memory_format=torch.contiguous_format, shards=(0,), world=1, seed=0):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -155,22 +170,63 @@ class DeviceLoader:
         self.mean, self.std = mean, std
         self.augment = augment
         self.memory_format = memory_format
+        self.shards, self.world, self.seed = list(shards), world, seed
+        self.epoch = 0
+        self.generators = [seeds.generator(device, seed, "augment", g) for g in self.shards]
+
+    def shard_size(self):
+        n = len(self.labels)
+        return -(-n // self.world) if self.train else len(self._slice(self.shards[0]))
+
+    def steps(self) -> int:
+        """Batches per shard in an epoch."""
+        size = self.shard_size()
+        batches = -(-size // self.batch_size)
+        return batches - 1 if self.train and size % self.batch_size == 1 and size > 1 else batches
 
     def __len__(self):
-        n = len(self.labels)
-        batches = -(-n // self.batch_size)
-        return batches - 1 if self.train and n % self.batch_size == 1 and n > 1 else batches
+        return self.steps() * len(self.shards)
 
     def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, device=self.images.device) if self.train else None
-        for i in range(len(self)):
-            index = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            if order is None:
-                images, labels = self.images[index], self.labels[index]
-            else:
-                images, labels = self.images[order[index]], self.labels[order[index]]
+        if not self.train:
+            yield from self._evaluation_batches()
+            return
+        order = self._order(self.epoch)
+        self.epoch += 1
+        dealt = [order[g::self.world] for g in self.shards]
+        for i in range(self.steps()):
+            for indices, generator in zip(dealt, self.generators):
+                index = indices[i * self.batch_size:(i + 1) * self.batch_size]
+                images = self.images[index]
                 if self.augment is not None:
-                    images = self.augment(images)
-            batch = normalize(images, self.mean, self.std)
-            yield batch.contiguous(memory_format=self.memory_format), labels
+                    images = self.augment(images, generator=generator)
+                yield self._batch(images), self.labels[index]
+
+    def _order(self, epoch):
+        """This epoch's order of the whole set, padded to a multiple of ``world``."""
+        n = len(self.labels)
+        order = torch.randperm(n, generator=seeds.generator("cpu", self.seed, "order", epoch))
+        order = torch.cat([order, order[:-n % self.world]]) if n % self.world else order
+        return order.to(self.images.device)
+
+    def _slice(self, shard):
+        n = len(self.labels)
+        return slice(shard * n // self.world, (shard + 1) * n // self.world)
+
+    def _evaluation_batches(self):
+        for shard in self.shards:
+            part = self._slice(shard)
+            images, labels = self.images[part], self.labels[part]
+            for i in range(0, len(labels), self.batch_size):
+                yield self._batch(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
+
+    def _batch(self, images):
+        return normalize(images, self.mean, self.std).contiguous(memory_format=self.memory_format)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state):
+        self.epoch = state["epoch"]
+        for generator, saved in zip(self.generators, state["generators"]):
+            generator.set_state(saved.cpu())

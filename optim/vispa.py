@@ -149,10 +149,11 @@ class VISPA(torch.optim.Optimizer):
     # ---- sampling -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _write_samples(self, draws=None):
+    def _write_samples(self, draws=None, generator=None):
         """Write ``sign(M + r.Z)`` into every binary weight, one fresh ``r`` per tensor
-        (drawn for a whole group in one call) or the given ones. Returns the draws,
-        one per binary weight (shape (K,), empty for K = 0)."""
+        (drawn for a whole group in one call, from ``generator`` or the optimizer's own)
+        or the given ones. Returns the draws, one per binary weight (shape (K,), empty
+        for K = 0)."""
         given = None
         if draws is not None:
             if len(draws) != len(self.binary_params()):
@@ -164,7 +165,7 @@ class VISPA(torch.optim.Optimizer):
             first = params[0]
             if given is None:
                 fresh = torch.randn(len(params), K, dtype=first.dtype, device=first.device,
-                                    generator=self.generator)
+                                    generator=self.generator if generator is None else generator)
                 fresh.mul_(1.0 / math.sqrt(S))
             for i, p in enumerate(params):
                 r = fresh[i] if given is None else next(given).to(p.device, p.dtype)
@@ -187,18 +188,19 @@ class VISPA(torch.optim.Optimizer):
             torch.sign(self.state[p]["M"], out=p)
 
     @contextmanager
-    def sampled_params(self, train: bool = False, draws=None):
+    def sampled_params(self, train: bool = False, draws=None, generator=None):
         """Run the enclosed forward pass on one sample of the binary weights.
 
         Yields the draws ``r`` (one per binary weight, in ``binary_params()`` order,
         already scaled by ``1/sqrt(S)``). ``draws`` replays given ones instead of
-        drawing fresh ones. With ``train=True``, leaving the context turns the
+        drawing fresh ones; ``generator`` draws from another generator than the
+        optimizer's own (the virtual ranks of a multi-GPU step, each with its own). With ``train=True``, leaving the context turns the
         gradient that the enclosed ``backward()`` left on each binary weight into
         the M and Z gradients of this sample and adds them to those of the
         samples before it (the weight's own ``.grad`` is then cleared). On leaving,
         the layers hold ``sign(M)`` again.
         """
-        used = self._write_samples(draws)
+        used = self._write_samples(draws, generator)
         completed = False
         try:
             yield used

@@ -5,10 +5,13 @@ import csv
 import hashlib
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 
@@ -29,22 +32,93 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITE
 
 # ---- running main.py and the scripts ----------------------------------------------------------
 
-def main_command(*args):
-    return [sys.executable, os.path.join(REPO, "main.py"), *map(str, args)]
+# main.py runs in a process of its own, forked from this one, which has imported torch
+# already: the same program as `python main.py ...` (run as __main__, with its own
+# arguments, environment, files, signals and exit status), without the two seconds that
+# importing torch again would cost each of the test suite's many runs.
+MAIN = os.path.join(REPO, "main.py")
 
 
-def run_main(*args, timeout=300, **kwargs):
-    """Run main.py to its end; returns the CompletedProcess (text stdout/stderr)."""
-    kwargs.setdefault("env", ENV)
-    return subprocess.run(main_command(*args), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+class Forked:
+    """A process running ``main.py args`` (the few methods of subprocess.Popen the tests use)."""
+
+    def __init__(self, args, stdout_path, stderr_path, env=None, preexec_fn=None):
+        self.args = [MAIN, *map(str, args)]
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._run_main(stdout_path, stderr_path, env or ENV, preexec_fn)
+
+    def _run_main(self, stdout_path, stderr_path, env, preexec_fn):
+        code = 1
+        try:
+            os.setsid()  # like a process started from a shell: its own process group
+            os.chdir(REPO)
+            os.environ.clear()
+            os.environ.update(env)
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, stdout_path, os.O_WRONLY | os.O_APPEND),
+                                   (2, stderr_path, os.O_WRONLY | os.O_APPEND)):
+                os.dup2(os.open(path, mode | os.O_CREAT, 0o644), fd)
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
+            if preexec_fn is not None:
+                preexec_fn()
+            sys.argv = list(self.args)
+            runpy.run_path(MAIN, run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def send_signal(self, signum):
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def run_main(*args, timeout=300, env=None, preexec_fn=None):
+    """Run main.py to its end; returns a CompletedProcess (text stdout/stderr)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        process = Forked(args, out, err, env, preexec_fn)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, read_text(out), read_text(err))
 
 
 def start_main(*args, output):
     """Start main.py; its stdout and stderr go to the file ``output``."""
-    with open(output, "w") as sink:
-        return subprocess.Popen(main_command(*args), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
-                                env=ENV)
+    open(output, "w").close()
+    return Forked(args, output, output)
 
 
 def script_env(**overrides):

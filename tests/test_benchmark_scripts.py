@@ -176,7 +176,8 @@ ALL_SCRIPTS = {"benchmark_cifar100_resnet18_1W32A.sh": "resnet18_1w32a_cifar100"
                "benchmark/Benchmark_cifar10_resnet18_1w32a.sh": "resnet18_1w32a_cifar10",
                "benchmark/Benchmark_cifar10_vgg16_1w32a.sh": "vgg16_1w32a_cifar10",
                "benchmark/Benchmark_cifar10_resnet18_1w1a.sh": "resnet18_1w1a_cifar10",
-               "benchmark/Benchmark_cifar10_vggsmall_1w1a.sh": "vgg_small_1w1a_cifar10"}
+               "benchmark/Benchmark_cifar10_vggsmall_1w1a.sh": "vgg_small_1w1a_cifar10",
+               "benchmark/Benchmark_tiny_imagenet_resnet18_1w32a.sh": "resnet18_1w32a_tiny-imagenet"}
 
 
 @pytest.mark.parametrize("script", list(ALL_SCRIPTS))

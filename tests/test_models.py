@@ -20,6 +20,8 @@ RELEASED_LAYOUTS = {
     "vgg16": (vgg16, 100, 8, "vgg16_1w32a_cifar100_state_dict_keys.txt"),
     "resnet18_1w1a": (resnet18_1w1a, 10, 4, "resnet18_1w1a_cifar10_state_dict_keys.txt"),
     "vgg_small": (vgg_small, 10, 4, "vgg-small_1w1a_cifar10_state_dict_keys.txt"),
+    "resnet18 tiny-imagenet": (lambda num_classes: resnet18(num_classes, image_size=64), 200, 8,
+                               "resnet18_1w32a_tiny-imagenet_state_dict_keys.txt"),
 }
 
 
@@ -166,3 +168,14 @@ def test_a_1x1_layer_on_features_is_a_linear_layer():
     expected = (x @ layer.weight.detach().view(4, 6).T + layer.bias.detach()) * layer.alpha.detach().view(4)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer(x.view(3, 6, 1, 1)).view(3, 4), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_tiny_imagenet_resnet18_has_a_stride_2_stem():
+    """The authors' network for 64x64 images (EXTENDED.md C3): the stem conv strides by 2,
+    so that layer4 sees 4x4 maps as on CIFAR."""
+    model = build_model("resnet18", 200, 8, image_size=64)
+    assert model.conv1.stride == (2, 2) and build_model("resnet18", 10, 8).conv1.stride == (1, 1)
+    assert model.stem(torch.zeros(2, 3, 64, 64)).shape == (2, 8, 32, 32)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 200)
+    with pytest.raises(ValueError, match="takes images of 32 pixels, not 64"):
+        build_model("vgg16", 200, 8, image_size=64)

@@ -51,7 +51,7 @@ def assert_same_run(run, reference):
     assert ours["config"] == theirs["config"]
     assert_bit_identical(ours["model"], theirs["model"], "network")
     assert_bit_identical(ours["optimizer"], theirs["optimizer"], "VISPA state (M, Z, momenta, generator)")
-    assert_bit_identical(ours["rng"], theirs["rng"], "random-number states")
+    assert_bit_identical(ours["ranks"], theirs["ranks"], "random-number states of the rank")
     assert run["best"]["epoch"] == reference["best"]["epoch"]
     assert_bit_identical(run["best"]["model"], reference["best"]["model"], "model_best network")
     assert_bit_identical(run["best"]["optimizer"], reference["best"]["optimizer"], "model_best M, Z")

@@ -390,3 +390,22 @@ def test_augmentation_keeps_dtype_and_shape_and_evaluation_is_untouched(device):
     assert out.dtype == torch.uint8 and out.shape == images.shape and out.device == images.device
     batches = list(SPEC.loader(images, torch.arange(7), 4, False, device))
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), normalize(images, MEAN, STD), rtol=0, atol=0)
+
+
+def test_the_recipe_trains_and_its_evaluate_script_reports_the_logged_mean_network(tmp_path):
+    """Tiny-ImageNet end to end at a small width: main.py with the authors' recipe (the
+    ResNet18 with the strided stem, 64x64 images augmented on the device), then the
+    evaluate script on its checkpoint."""
+    from helpers import run_main, run_results, run_script
+    write_tiny_imagenet(str(tmp_path / "data"), classes=4, per_class=30, val_per_class=10)
+    run = run_main("--recipe", "resnet18_1w32a_tiny-imagenet", "--width", 4, "--epochs", 1, "-b", 40, "-L", 1,
+                   "--gpus", "cpu", "--seed", 1, "--data_root", tmp_path / "data",
+                   "--results_dir", tmp_path / "results", "--save", "tiny")
+    assert run.returncode == 0, run.stderr
+    epochs, status = run_results(tmp_path / "results", "tiny")
+    result = run_script("evaluation/evaluate_tiny-imagenet_resnet18_1W32A.sh",
+                        tmp_path / "results" / "tiny" / "model_best.pth.tar", DATA_ROOT=tmp_path / "data", L=1,
+                        GPU="cpu")
+    assert result.returncode == 0, result.stderr
+    assert "(resnet18, tiny-imagenet, K=8; epoch 1 of run tiny)" in result.stdout
+    assert result.stdout.strip().endswith(f"mean network Prec@1 {epochs[1][1]:.2f}")

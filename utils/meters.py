@@ -18,7 +18,11 @@ class Accumulator:
                                       hits.any(1).sum().double()])
         self.sums[3] += n
 
-    def result(self) -> dict:
+    def result(self, total=None) -> dict:
+        """Loss and accuracies; ``total`` first sums the counts over the processes that
+        shared the work (each with its own shard)."""
+        if total is not None:
+            total(self.sums)
         loss, top1, top5, n = self.sums.tolist()
         n = max(n, 1.0)
         return {"loss": loss / n, "prec1": 100.0 * top1 / n, "prec5": 100.0 * top5 / n}

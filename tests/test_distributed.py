@@ -1,0 +1,97 @@
+"""Several ranks, as the authors' torchrun runs: two processes on the CPU (gloo) train as
+one process with two virtual ranks does, to the bit; a stop on one rank stops both at
+the same step, and the run resumes exactly."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ENV, REPO, TINY, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun_command(*args):
+    return TORCHRUN + [os.path.join(REPO, "main.py"), *map(str, args)]
+
+
+def torchrun(*args, timeout=300):
+    return subprocess.run(torchrun_command(*args), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny(data, results, save, epochs):
+    return [*TINY, "--data_root", data, "--results_dir", results, "--save", save, "--epochs", epochs]
+
+
+def state(results, save):
+    """The network and VISPA's state (M, Z, momenta) of a run's last checkpoint."""
+    ckpt = load_checkpoint(os.path.join(results, save, "checkpoint.pth.tar"))
+    return {"model": ckpt["model"], "vispa": ckpt["optimizer"]["state"]}
+
+
+def test_two_ranks_train_as_two_virtual_ranks_of_one_process(cifar10_root, tmp_path):
+    """Each rank: its own shard, its own draws, its own BatchNorm batch statistics; the
+    gradients averaged; the running statistics rank 0's. The same seeds give the same
+    M, Z, momenta, real parameters and running statistics, bit for bit."""
+    results = tmp_path / "results"
+    two = torchrun(*tiny(cifar10_root, results, "two", 2))
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "2 ranks x 1 virtual; 3 training steps per epoch" in read_text(results / "two.txt")
+    virtual = run_main(*tiny(cifar10_root, results, "virtual", 2), "--virtual-ranks", 2)
+    assert virtual.returncode == 0, virtual.stderr
+    assert "2 virtual ranks; 3 training steps per epoch" in read_text(results / "virtual.txt")
+    assert_bit_identical(state(results, "two"), state(results, "virtual"), "the state after 6 steps")
+    # and it is not the state of one rank alone
+    one = run_main(*tiny(cifar10_root, results, "one", 2))
+    assert one.returncode == 0
+    assert not all(a.equal(b) for a, b in zip(state(results, "one")["model"].values(),
+                                              state(results, "two")["model"].values()))
+
+
+def worker_of_rank(agent_pid, rank):
+    """The pid of the torchrun worker process of ``rank``."""
+    children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_stop_on_one_rank_stops_both_and_the_run_resumes_exactly(cifar10_root, tmp_path):
+    results = tmp_path / "results"
+    straight = torchrun(*tiny(cifar10_root, results, "straight", 8))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    log = results / "stopped.txt"
+    agent = subprocess.Popen(torchrun_command(*tiny(cifar10_root, results, "stopped", 8)), cwd=REPO, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not re.search(r"^Epoch 1/8", read_text(log), re.M):
+        assert agent.poll() is None and time.time() < deadline, "the run ended before epoch 1 was logged"
+        time.sleep(0.01)
+    os.kill(worker_of_rank(agent.pid, 1), signal.SIGTERM)  # rank 1 only
+    agent.wait(timeout=120)
+    stopped = re.search(r"^Stopped by SIGTERM during epoch (\d+)/8; the checkpoint of epoch (\d+) is \S+\. "
+                        r"Resume with: torchrun --nproc_per_node 2 main.py --resume (\S+)", read_text(log), re.M)
+    assert stopped, read_text(log)
+    assert int(stopped.group(2)) == int(stopped.group(1)) - 1 < 8
+    assert load_checkpoint(results / "stopped" / "checkpoint.pth.tar")["epoch"] == int(stopped.group(2))
+
+    one_rank = run_main("--resume", results / "stopped", "--data_root", cifar10_root, "--gpus", "cpu")
+    assert_clear_error(one_rank, "was trained on 2 rank(s), and this run has 1: resume it with as many")
+    resumed = torchrun("--resume", results / "stopped", "--data_root", cifar10_root, "--gpus", "cpu")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a, b = (load_checkpoint(results / name / "checkpoint.pth.tar") for name in ("straight", "stopped"))
+    assert a["epoch"] == b["epoch"] == 8
+    for part in ("model", "optimizer", "ranks"):
+        assert_bit_identical(a[part], b[part], part)
+    assert [row["val_prec1"] for row in a["history"]] == [row["val_prec1"] for row in b["history"]]
