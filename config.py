@@ -85,10 +85,12 @@ class Config:
                           help="bfloat16 autocast for the forward passes (faster on GPUs). The binary "
                                "weights are exact in bf16; activations and BatchNorm inputs are rounded, "
                                "so results differ slightly from the float32 reference")
-    loader: str = _setting("device", "--loader", choices=["device", "torchvision"],
+    loader: str = _setting("device", "--loader", choices=["device", "torchvision", "dali-gpu", "dali-cpu"],
                            help="'device': the dataset stays on the training device and batches are "
-                                "augmented there; 'torchvision': the released code's DataLoader with "
-                                "PIL transforms (slower)")
+                                "augmented there (CIFAR, Tiny-ImageNet); 'torchvision': a DataLoader with "
+                                "PIL transforms in worker processes (the authors' CIFAR pipeline; ImageNet "
+                                "from its files); 'dali-gpu' / 'dali-cpu': ImageNet through the authors' "
+                                "NVIDIA DALI pipelines, decoding on the GPU or the CPU (their --dali_cpu)")
     virtual_ranks: int = _setting(1, "--virtual-ranks", type=_number(int, low=1),
                                   help="N: every step on this device is N ranks' step, as N GPUs make it "
                                        "with torchrun: N weight samples, each on its own batch with its own "
@@ -152,6 +154,7 @@ def _check(f, value):
 
 # The authors' configurations, by the names their runs carry (EXTENDED.md section 0).
 _1W1A = dict(dataset="cifar10", K=4, lr=0.5, wd=1e-5, epochs=600)
+_IMAGENET = dict(dataset="imagenet", scale_lr=True, loader="torchvision", eval_batch_size=256, workers=8)
 RECIPES = {
     "resnet18_1w32a_cifar100": Config(model="resnet18", dataset="cifar100"),
     "vgg16_1w32a_cifar100": Config(model="vgg16", dataset="cifar100"),
@@ -160,6 +163,11 @@ RECIPES = {
     "vgg_small_1w1a_cifar10": Config(model="vgg_small", **_1W1A),
     "resnet18_1w1a_cifar10": Config(model="resnet18_1w1a", **_1W1A),
     "resnet18_1w32a_tiny-imagenet": Config(model="resnet18", dataset="tiny-imagenet"),
+    # ImageNet (EXTENDED.md C4-C7): 4 GPUs of 256 images, the lr scaled by 256 x 4 / 256.
+    "alexnet_1w1a_imagenet": Config(model="alexnet_1w1a", K=2, lr=0.5, wd=1e-5, epochs=100, **_IMAGENET),
+    "alexnet_1w32a_imagenet": Config(model="alexnet_1w32a", K=4, lr=0.1, wd=5e-5, epochs=100, **_IMAGENET),
+    "birealnet18_1w1a_imagenet": Config(model="birealnet18", K=2, lr=0.5, wd=1e-5, epochs=200, **_IMAGENET),
+    "resnet18_1w32a_imagenet": Config(model="resnet18_imagenet", K=4, lr=0.1, wd=5e-5, epochs=200, **_IMAGENET),
 }
 DEFAULT_RECIPE = "resnet18_1w32a_cifar100"
 assert RECIPES[DEFAULT_RECIPE] == Config()

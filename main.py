@@ -33,8 +33,8 @@ import engine
 from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
 from data import DATASETS, DatasetError
 from models import is_binary, packed, released
-from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, load_ours, loader, progress, require,
-                      saved_config, train)
+from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, load_ours, progress, require,
+                      saved_config, test_batches, train)
 from utils import checkpoint, distributed
 from utils.checkpoint import CheckpointError
 from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped
@@ -180,7 +180,8 @@ def load_network(path, cfg, typed, device):
         model, opt = build(saved, device)
         load_ours(model, opt, ckpt, path)
         source = f"epoch {ckpt['epoch']} of run {ckpt.get('run', ckpt['config'].get('save'))}"
-        return model, opt, replace(saved, L=cfg.L, bf16=cfg.bf16), source, note
+        asked = {key: getattr(cfg, key) for key in ("L", "bf16", "loader", "workers") if key in typed or key == "L"}
+        return model, opt, replace(saved, **asked), source, note
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
                               f"(no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
@@ -207,23 +208,20 @@ def load_network(path, cfg, typed, device):
     return model, opt, cfg, source, note
 
 
-def test_batches(cfg, data_root, device):
-    images, labels = DATASETS[cfg.dataset].read(data_root, "test")
-    return loader(replace(cfg, loader="device"), images, labels, False, device)
-
-
-def evaluate_file(args, cfg, typed, device):
+def evaluate_file(args, cfg, typed, device, world):
     """``--evaluate``: print the L-sample and mean-network results of a checkpoint, or the
-    results of an exported network."""
+    results of an exported network. With torchrun the ranks share the test set."""
     if packed_file(args.evaluate):
-        return evaluate_packed(args, cfg, typed, device)
+        return evaluate_packed(args, cfg, typed, device, world)
     model, opt, cfg, source, note = load_network(args.evaluate, cfg, typed, device)
-    test = test_batches(cfg, args.data_root, device)
-    val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16)
-    mean = engine.evaluate_mean(model, opt, test, cfg.bf16)
-    print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {source})")
-    print(note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
-          f"(L={cfg.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
+    test = test_batches(cfg, args.data_root, device, world)
+    total = lambda sums: distributed.sum_(sums, world)
+    val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
+    mean = engine.evaluate_mean(model, opt, test, cfg.bf16, total)
+    if world.main:
+        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {source})")
+        print(note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
+              f"(L={cfg.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
     return EXIT_OK
 
 
@@ -266,7 +264,7 @@ def export_file(args, cfg, typed, device):
     return EXIT_OK
 
 
-def evaluate_packed(args, cfg, typed, device):
+def evaluate_packed(args, cfg, typed, device, world):
     """``--evaluate OUT.bnn``: the exported network's loss and accuracy on the test set."""
     try:
         content = packed.read_packed(args.evaluate)
@@ -276,11 +274,13 @@ def evaluate_packed(args, cfg, typed, device):
     if "dataset" in typed and cfg.dataset != content["dataset"]:
         raise CheckpointError(f"{args.evaluate} is a network for {content['dataset']}, not --dataset {cfg.dataset}")
     cfg = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
-    result = engine.evaluate_deterministic(model, test_batches(cfg, args.data_root, device))
-    print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "
-          f"{content.get('source')})")
-    print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
-          f"(the mean network sign(M))")
+    result = engine.evaluate_deterministic(model, test_batches(cfg, args.data_root, device, world), False,
+                                           lambda sums: distributed.sum_(sums, world))
+    if world.main:
+        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "
+              f"{content.get('source')})")
+        print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
+              f"(the mean network sign(M))")
     return EXIT_OK
 
 
@@ -296,12 +296,12 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
-        if args.evaluate:
-            return evaluate_file(args, cfg, typed, device)
         if args.export:
             return export_file(args, cfg, typed, device)
         distributed.start(world, device)
         try:
+            if args.evaluate:
+                return evaluate_file(args, cfg, typed, device, world)
             return train(args, cfg, typed, device, world)
         finally:
             distributed.finish(world)

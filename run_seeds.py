@@ -7,8 +7,11 @@ with ``exec python3 run_seeds.py "$@"``:
     K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH
                   the settings (main.py's -K --scale -L --lr --wd --lr_decay
                   --warmup_epochs --epochs -b --width); unset: the recipe's
+    LOADER WORKERS  main.py's --loader and -j
     SEEDS         the seeds, space-separated (default: the paper's five)
     GPUS          the slots (default "0 1 2 3 4"); arguments given instead override it
+    NPROC         GPUs per run (default 1): with more, each run is `torchrun --standalone
+                  --nproc_per_node NPROC main.py ...` on a group of NPROC slots
     DATA_ROOT, RESULTS_DIR
 
 The runs are named by ``config.run_name`` from the recipe and the settings
@@ -92,25 +95,36 @@ def plan(run):
 
 def launch(run, slot, recipe, main_args, env):
     """main.py for this seed: a new run from the recipe, or the run resumed (its settings
-    then come from its checkpoint, and those given must agree with them)."""
+    then come from its checkpoint, and those given must agree with them). A slot of
+    several GPUs runs it under torchrun, one rank per GPU."""
     files = run.files
-    command = [sys.executable, MAIN, *main_args, "--seed", str(run.seed), "--save", files.name,
-               "--results_dir", files.results_dir, "--gpus", slot]
+    devices = slot.split()
+    command = [sys.executable, MAIN]
+    if len(devices) > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(len(devices)), MAIN]
+        if devices[0] != "cpu":
+            env = dict(env, CUDA_VISIBLE_DEVICES=",".join(devices))
+    command += [*main_args, "--seed", str(run.seed), "--save", files.name, "--results_dir", files.results_dir]
+    if len(devices) == 1 or devices[0] == "cpu":
+        command += ["--gpus", devices[0]]
     command += ["--resume", files.folder] if run.resume else ["--recipe", recipe]
     os.makedirs(files.folder, exist_ok=True)
     with open(files.console, "ab") as console:
         run.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     run.slot = slot
-    say(f"seed {run.seed}: started on {'the CPU' if slot == 'cpu' else 'GPU ' + slot}")
+    where = "the CPU" if devices[0] == "cpu" else ("GPU " if len(devices) == 1 else "GPUs ") + ", ".join(devices)
+    say(f"seed {run.seed}: started on {where}" + (f" ({len(devices)} ranks)" if len(devices) > 1 else ""))
 
 
 def slot_environment(slot, slots):
     """Runs sharing the CPU split its cores between them unless OMP_NUM_THREADS is set:
     several runs each using every core slow each other down badly."""
     env = dict(os.environ)
-    if slot == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots.count("cpu")))
+    processes = sum(len(s.split()) for s in slots if s.split()[0] == "cpu")
+    if slot.split()[0] == "cpu" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     return env
 
 
@@ -141,8 +155,8 @@ def run_all(runs, slots, recipe, main_args):
                 running.remove(run)
                 free.append(run.slot)
                 run.returncode = run.process.returncode
-                if forwarded and run.returncode == -signal.SIGTERM:
-                    run.returncode = exit_stopped(signal.SIGTERM)  # stopped before it could say so
+                if forwarded and run.returncode != 0 and stopped_cleanly(run):
+                    run.returncode = exit_stopped(signal.SIGTERM)
                 if run.returncode == 0:
                     say(f"seed {run.seed}: finished")
                 else:
@@ -151,6 +165,17 @@ def run_all(runs, slots, recipe, main_args):
         for s, handler in previous.items():
             signal.signal(s, handler)
     return stop[0] if stop else None
+
+
+def stopped_cleanly(run):
+    """After our SIGTERM: a run killed by it before its handler was in place, or a
+    torchrun run whose ranks stopped cleanly (torchrun itself then exits 1)."""
+    if run.returncode == -signal.SIGTERM:
+        return True
+    try:
+        return any(line.startswith("Stopped by ") for line in read_tail(run.files.log)[-3:])
+    except OSError:
+        return False
 
 
 def table(runs, template):
@@ -194,7 +219,8 @@ def failure_report(run):
 
 # The environment variables of the settings, and the main.py options they set.
 SETTINGS = {"K": "-K", "S": "--scale", "L": "-L", "LR": "--lr", "WD": "--wd", "LR_DECAY": "--lr_decay",
-            "WARMUP_EPOCHS": "--warmup_epochs", "EPOCHS": "--epochs", "BATCH": "-b", "WIDTH": "--width"}
+            "WARMUP_EPOCHS": "--warmup_epochs", "EPOCHS": "--epochs", "BATCH": "-b", "WIDTH": "--width",
+            "LOADER": "--loader", "WORKERS": "-j"}
 PAPER_SEEDS = "2020 2024 1314 512 2333"
 
 
@@ -219,6 +245,11 @@ def parse(argv, env):
     bad = [s for s in slots if s != "cpu" and not s.isdigit()]
     if not slots or bad:
         usage_error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(slots) or 'none'}")
+    nproc = env.get("NPROC", "1")
+    if not nproc.isdigit() or int(nproc) < 1 or len(slots) % int(nproc):
+        usage_error(f"NPROC must be a number of GPUs per run that divides the {len(slots)} slots, got {nproc!r}")
+    nproc = int(nproc)
+    slots = [" ".join(slots[i:i + nproc]) for i in range(0, len(slots), nproc)]  # a slot: a run's GPUs
     main_args = ["--data_root", env.get("DATA_ROOT", "./datasets")]
     for variable, option in SETTINGS.items():
         if env.get(variable, "") != "":

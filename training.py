@@ -70,6 +70,75 @@ def loader(cfg, images, labels, train, device, shards=(0,), world=1):
                           cfg.seed or 0)
 
 
+def batches(cfg, data_root, device, world, shards):
+    """(training batches of this process's ``shards``, its test batches): from the dataset
+    held on the device, or read from its files (ImageNet). DatasetError before anything is
+    written if the data cannot serve the run."""
+    dataset = DATASETS[cfg.dataset]
+    if dataset.folder_loaders is None:
+        train_images, train_labels = dataset.read(data_root, "train")
+        test_images, test_labels = dataset.read(data_root, "test")
+        check_sizes(cfg, train_labels, test_labels, data_root, world)
+        return (loader(cfg, train_images, train_labels, True, device, shards, world.size * cfg.virtual_ranks),
+                loader(cfg, test_images, test_labels, False, device, [world.rank], world.size))
+    backend, decoder = folder_backend(cfg)
+    made = [dataset.folder_loaders(data_root, cfg.batch_size, cfg.workers, device, g, world.size * cfg.virtual_ranks,
+                                   backend, decoder, cfg.seed or 0, memory_format(device), cfg.eval_batch_size)
+            for g in shards]
+    if cfg.virtual_ranks == 1:
+        return made[0][0], made[0][1]
+    test = dataset.folder_loaders(data_root, cfg.batch_size, cfg.workers, device, world.rank, world.size, backend,
+                                  decoder, cfg.seed or 0, memory_format(device), cfg.eval_batch_size)[1]
+    return Interleaved([m[0] for m in made]), test
+
+
+def test_batches(cfg, data_root, device, world):
+    """The test batches of this rank (all of them on one process), for an evaluation."""
+    dataset = DATASETS[cfg.dataset]
+    if dataset.folder_loaders is None:
+        images, labels = dataset.read(data_root, "test")
+        if len(labels) == 0:
+            raise DatasetError(f"the test set of {cfg.dataset} in {data_root} has no images")
+        return loader(replace(cfg, loader="device"), images, labels, False, device, [world.rank], world.size)
+    backend, decoder = folder_backend(replace(cfg, loader="torchvision" if cfg.loader == "device" else cfg.loader,
+                                              virtual_ranks=1))
+    return dataset.folder_loaders(data_root, cfg.eval_batch_size, cfg.workers, device, world.rank, world.size,
+                                  backend, decoder, cfg.seed or 0, memory_format(device))[1]
+
+
+def folder_backend(cfg):
+    """(backend, decoder) of the --loader of a dataset read from its files."""
+    if cfg.loader == "device":
+        raise UsageError(f"{cfg.dataset} is read from its files, batch by batch: --loader torchvision, "
+                         f"dali-gpu or dali-cpu")
+    if cfg.loader.startswith("dali") and cfg.virtual_ranks > 1:
+        raise UsageError("--virtual-ranks reads every rank's shard with a loader of its own: use --loader "
+                         "torchvision, or torchrun with one GPU per rank")
+    return ("dali", cfg.loader[len("dali-"):]) if cfg.loader.startswith("dali") else ("torchvision", "cpu")
+
+
+class Interleaved:
+    """The batches of several loaders in turn, step by step: the virtual ranks of one
+    process, each with its shard of a dataset read from its files."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self):
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        for step in zip(*self.loaders):
+            yield from step
+
+    def state_dict(self):
+        return [loader.state_dict() for loader in self.loaders]
+
+    def load_state_dict(self, states):
+        for loader, state in zip(self.loaders, states):
+            loader.load_state_dict(state)
+
+
 def peak_lr(cfg, world):
     """--lr, or with --scale-lr (the authors' ImageNet program) --lr x batch x ranks / 256."""
     ranks = world.size * cfg.virtual_ranks
@@ -399,13 +468,8 @@ def train(args, cfg, typed, device, world=distributed.World()):
 
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
-    dataset = DATASETS[cfg.dataset]
-    train_images, train_labels = dataset.read(args.data_root, "train")
-    test_images, test_labels = dataset.read(args.data_root, "test")
-    check_sizes(cfg, train_labels, test_labels, args.data_root, world)
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
-    train_batches = loader(cfg, train_images, train_labels, True, device, shards, world.size * cfg.virtual_ranks)
-    test_batches = loader(cfg, test_images, test_labels, False, device, [world.rank], world.size)
+    train_batches, test_batches = batches(cfg, args.data_root, device, world, shards)
     model, opt = build(cfg, device, world.rank)
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=lambda grads: distributed.average_(grads, world) if world.several else None,
@@ -500,7 +564,7 @@ def train(args, cfg, typed, device, world=distributed.World()):
 def rank_state(train_batches, ranks, opt, device):
     """What one rank draws from: its global generators, its shards' augmentation and
     order, its training draws, its evaluation draws."""
-    data = train_batches.state_dict() if hasattr(train_batches, "state_dict") else None  # torchvision's: the rng
+    data = train_batches.state_dict() if hasattr(train_batches, "state_dict") else None  # else: the rng, or none
     return {"rng": checkpoint.rng_states(device), "data": data,
             "draws": [g.get_state() for g in ranks.generators],
             "evaluation draws": opt.generator.get_state()}

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .cifar import read_cifar
+from .imagenet import imagenet_loaders
 from .device_loader import DeviceLoader, normalize, random_crop_flip, random_resized_crop_flip
 from .errors import DatasetError
 from .tiny_imagenet import read_tiny_imagenet
@@ -31,6 +32,10 @@ class Dataset:
     read_split: Callable        # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
     augment: Callable           # the training augmentation on the device: (uint8 batch, generator) -> uint8 batch
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
+    # A dataset too large for the device is read from its files, batch by batch, per rank:
+    # (root, batch_size, workers, device, rank, world, backend, dali_device, seed,
+    #  memory_format, eval_batch_size) -> (training batches, test batches, steps per epoch)
+    folder_loaders: Callable = None
 
     def read(self, root: str, split: str):
         """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
@@ -71,4 +76,8 @@ DATASETS = {
                              std=(0.2770, 0.2691, 0.2821), read_split=read_tiny_imagenet,
                              augment=partial(random_resized_crop_flip, size=64),
                              reference_augment=_tiny_imagenet_reference_augment),
+    # The authors' ImageNet: read from its JPEG folders (data/imagenet.py), with the
+    # augmentation of their DALI pipelines, by torchvision workers or by DALI.
+    "imagenet": Dataset("imagenet", 1000, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        read_split=None, augment=None, reference_augment=None, folder_loaders=imagenet_loaders),
 }

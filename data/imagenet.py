@@ -376,6 +376,14 @@ class FolderBatches:
     def __len__(self):
         return -(-self.num_images // self.batch_size)
 
+    def state_dict(self):
+        """What a resumed run needs: the epoch (the augmentation is drawn from (seed, epoch,
+        position), not from a generator's state)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.epoch = state["epoch"]
+
     def __iter__(self):
         if self.train:
             self._keys.epoch = self.epoch
@@ -495,14 +503,14 @@ class DaliBatches:
 # ---- what the training program calls ------------------------------------------------------------
 
 def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, backend="torchvision",
-                     dali_device="cpu", seed=0, memory_format=torch.contiguous_format):
+                     dali_device="cpu", seed=0, memory_format=torch.contiguous_format, eval_batch_size=None):
     """(training batches, validation batches, training steps per epoch) of rank ``rank``
     of ``world`` (one process: 0 of 1), ``batch_size`` images per rank and step.
 
     The training batches start a new shuffled epoch each time they are iterated and have
     ``len()`` = the steps per epoch (``steps_per_epoch``: 1252 for ImageNet at 256 on 4
-    ranks); the validation batches are this rank's part of the validation set (each
-    image on exactly one rank). Batches: float32 normalised images (B, 3, 224, 224) in
+    ranks); the validation batches (of ``eval_batch_size``, default ``batch_size``) are
+    this rank's part of the validation set (each image on exactly one rank). Batches: float32 normalised images (B, 3, 224, 224) in
     ``memory_format`` and int64 labels, both on ``device``.
 
     ``backend``: "torchvision" (``workers`` DataLoader processes) or "dali" (``workers``
@@ -535,10 +543,11 @@ def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, backend
             raise DatasetError(f"ImageNet at {root}: {name}/ holds {len(samples)} images, fewer than "
                                f"the {world} ranks")
     steps = steps_per_epoch(len(folders.train), batch_size, world)
+    eval_batch_size = eval_batch_size or batch_size
     if backend == "torchvision":
         def make(samples, train):
-            return FolderBatches(samples, train, batch_size, workers, device, rank, world, seed,
-                                 memory_format)
+            return FolderBatches(samples, train, batch_size if train else eval_batch_size, workers, device,
+                                 rank, world, seed, memory_format)
         return make(folders.train, True), make(folders.val, False), steps
 
     device_id = None
@@ -546,9 +555,10 @@ def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, backend
         device_id = device.index if device.index is not None else torch.cuda.current_device()
 
     def make(samples, train):
-        pipe = dali_pipeline(samples, train, batch_size, max(1, workers), rank, world, dali_device,
+        size = batch_size if train else eval_batch_size
+        pipe = dali_pipeline(samples, train, size, max(1, workers), rank, world, dali_device,
                              device_id, DALI_SEED + seed * world + rank)
         sizes = [stop - start for start, stop in (shard_bounds(len(samples), r, world) for r in range(world))]
-        return DaliBatches(pipe, train, batch_size, steps, sizes, rank, device, memory_format)
+        return DaliBatches(pipe, train, size, steps, sizes, rank, device, memory_format)
 
     return make(folders.train, True), make(folders.val, False), steps

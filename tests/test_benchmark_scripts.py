@@ -177,7 +177,11 @@ ALL_SCRIPTS = {"benchmark_cifar100_resnet18_1W32A.sh": "resnet18_1w32a_cifar100"
                "benchmark/Benchmark_cifar10_vgg16_1w32a.sh": "vgg16_1w32a_cifar10",
                "benchmark/Benchmark_cifar10_resnet18_1w1a.sh": "resnet18_1w1a_cifar10",
                "benchmark/Benchmark_cifar10_vggsmall_1w1a.sh": "vgg_small_1w1a_cifar10",
-               "benchmark/Benchmark_tiny_imagenet_resnet18_1w32a.sh": "resnet18_1w32a_tiny-imagenet"}
+               "benchmark/Benchmark_tiny_imagenet_resnet18_1w32a.sh": "resnet18_1w32a_tiny-imagenet",
+               "benchmark/Benchmark_imagenet_alexnet1w1a.sh": "alexnet_1w1a_imagenet",
+               "benchmark/Benchmark_imagenet_alexnet1w32a.sh": "alexnet_1w32a_imagenet",
+               "benchmark/Benchmark_imagenet_birealnet_1w1a.sh": "birealnet18_1w1a_imagenet",
+               "benchmark/Benchmark_imagenet_resnet18_1w32a.sh": "resnet18_1w32a_imagenet"}
 
 
 @pytest.mark.parametrize("script", list(ALL_SCRIPTS))
@@ -191,9 +195,13 @@ def test_the_settings_a_script_shows_are_its_recipe(script):
     as_shown = {"K": recipe.K, "S": recipe.scale, "L": recipe.L, "LR": recipe.lr, "WD": recipe.wd,
                 "LR_DECAY": recipe.lr_decay, "WARMUP_EPOCHS": recipe.warmup_epochs,
                 "EPOCHS": recipe.epochs, "BATCH": recipe.batch_size, "WIDTH": recipe.width}
+    if recipe.dataset == "imagenet":  # one run on 4 GPUs, read by the recipe's loader
+        as_shown.update(LOADER=recipe.loader, WORKERS=recipe.workers)
+        assert (shown["NPROC"], shown["GPUS"], shown["SEEDS"]) == ("4", "0 1 2 3", "2020")
+    else:
+        assert shown["SEEDS"] == "2020 2024 1314 512 2333"
     for variable, value in as_shown.items():
         assert shown[variable] == config.number(value), variable
-    assert shown["SEEDS"] == "2020 2024 1314 512 2333"
 
 
 def test_a_1w1a_script_runs_the_fully_binary_recipe(tmp_path, cifar10_root):
