@@ -133,15 +133,7 @@ def evaluate(model, opt, batches, L, bf16=False, total=None) -> dict:
     """Loss, top-1 and top-5 of the L-sample protocol (``predict``) over ``batches``,
     BatchNorm on its running statistics. ``total`` sums the counts over the processes
     (each evaluates its shard)."""
-    device = _device(model)
-    model.eval()
-    meter = Accumulator(device)
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        logits, loss = predict(model, opt, images, labels, L, bf16)
-        meter.add(loss, logits, labels)
-    return meter.result(total)
+    return _evaluated(model, batches, lambda images, labels: predict(model, opt, images, labels, L, bf16), total)
 
 
 @torch.no_grad()
@@ -154,15 +146,23 @@ def evaluate_mean(model, opt, batches, bf16=False, total=None) -> dict:
 @torch.no_grad()
 def evaluate_deterministic(model, batches, bf16=False, total=None) -> dict:
     """Loss, top-1 and top-5 of a network as it is (an exported one, say)."""
+    def forward(images, labels):
+        with autocast(images.device, bf16):
+            logits = full_precision(model(images))
+        return logits, F.cross_entropy(logits, labels)
+    return _evaluated(model, batches, forward, total)
+
+
+def _evaluated(model, batches, forward, total):
+    """The meter of ``forward(images, labels) -> (logits, mean loss)`` over ``batches``."""
     device = _device(model)
     model.eval()
     meter = Accumulator(device)
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with autocast(device, bf16):
-            logits = full_precision(model(images))
-        meter.add(F.cross_entropy(logits, labels), logits, labels)
+        logits, loss = forward(images, labels)
+        meter.add(loss, logits, labels)
     return meter.result(total)
 
 

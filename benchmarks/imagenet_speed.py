@@ -74,9 +74,6 @@ def network_rates(recipe, batch, device, repeats):
     train_s = seconds(device, train, repeats)
     model.eval()
     eval_s = seconds(device, evaluate, repeats)
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return batch / train_s, batch / eval_s
 
 
@@ -118,6 +115,8 @@ def main():
         for recipe in NETWORKS:
             cfg = RECIPES[recipe]
             train_rate, eval_rate = network_rates(recipe, batch, device, repeats)
+            if gpu:
+                torch.cuda.empty_cache()  # the previous network's memory, for the next one
             hours = cfg.epochs * (TRAIN_IMAGES / train_rate + VAL_IMAGES * cfg.L / eval_rate) / 3600
             print(f"{recipe:<28}{train_rate:>12.1f}{eval_rate:>15.1f}{hours:>27.1f}", flush=True)
         print("(hours: every epoch 1.28 M training images and 50k test images x L = 40 passes, data loading "

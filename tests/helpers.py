@@ -233,6 +233,29 @@ def watch(process, run_dir, output, watcher, kill_when=None, fast=False, deadlin
     return False
 
 
+# ---- the authors' files ------------------------------------------------------------------------
+
+def key_list(filename, samples=False):
+    """[(key, shape, torch dtype)] of a key list in tests/reference/ (every key of one of the
+    authors' files, in order); ``samples``: with the unused zero ``<layer>.sample`` (1 x K)
+    after every ``<layer>.Z``, as their code of 2024 wrote them (EXTENDED.md section 5.3)."""
+    keys = []
+    with open(os.path.join(REPO, "tests", "reference", filename)) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                key, shape, dtype = line.split()
+                shape = () if shape == "-" else tuple(int(s) for s in shape.split("x"))
+                keys.append((key, shape, getattr(torch, dtype)))
+                if samples and key.endswith(".Z"):
+                    keys.append((key[:-1] + "sample", (1, shape[0]), torch.float32))
+    return keys
+
+
+def shapes_and_dtypes(state):
+    """{key: (shape, dtype)} of a state_dict, to compare with a key list."""
+    return {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+
+
 # ---- what runs leave behind ------------------------------------------------------------------
 
 EPOCH_LINE = re.compile(r"^(Epoch \d+/\d+ .*)\|\s*[0-9.]+ s$", re.M)

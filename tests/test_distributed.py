@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from helpers import ENV, REPO, TINY, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -183,7 +183,7 @@ def test_all_fetches_every_dataset(tmp_path, archives):
 
 def test_several_datasets_by_name(tmp_path, archives):
     data_root = tmp_path / "datasets"
-    (a100, md5_100, arrays100), (a10, md5_10, arrays10) = archives["cifar100"], archives["cifar10"]
+    (a100, md5_100, _), (a10, md5_10, _) = archives["cifar100"], archives["cifar10"]
     with server(a100, "ok", tmp_path / "r100.log") as url100, server(a10, "ok", tmp_path / "r10.log") as url10:
         result = run_script("download_data.sh", "cifar10", "cifar100", DATA_ROOT=data_root,
                             CIFAR100_URL=url100, CIFAR100_MD5=md5_100, CIFAR10_URL=url10, CIFAR10_MD5=md5_10)

@@ -25,9 +25,8 @@ from data.synthetic import structured_images, write_cifar
 from models import build_model, released as released_layout
 from optim import VISPA
 from utils import checkpoint
-from helpers import REPO, assert_clear_error, run_main, run_results, run_script
+from helpers import REPO, assert_clear_error, key_list, run_main, run_results, run_script
 
-REFERENCE = os.path.join(REPO, "tests", "reference")
 SCRIPTS = {"resnet18": "evaluate_cifar100_resnet18_1W32A.sh", "vgg16": "evaluate_cifar100_vgg16_1W32A.sh"}
 RELEASED = {"resnet18": "resnet18_1w32A_model_best.pth.tar", "vgg16": "vgg16_1w32A_model_best.pth.tar"}
 MEAN, STD, EPS = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1e-5  # from the specification
@@ -44,20 +43,9 @@ LAYOUTS = {
 }
 
 
-def key_list(model, layout="head"):
+def released_keys(model, layout="head"):
     """[(key, shape, dtype)] of the released checkpoint of ``model`` in ``layout``."""
-    return read_key_file(LAYOUTS[model, layout])
-
-
-def read_key_file(name):
-    keys = []
-    with open(os.path.join(REFERENCE, name)) as f:
-        for line in f:
-            if line.strip() and not line.startswith("#"):
-                key, shape, dtype = line.split()
-                keys.append((key, () if shape == "-" else tuple(int(s) for s in shape.split("x")),
-                             getattr(torch, dtype)))
-    return keys
+    return key_list(LAYOUTS[model, layout])
 
 
 def random_tensor(key, shape, dtype, generator, random_Z=True):
@@ -89,7 +77,7 @@ def released_checkpoint(model, layout="head", seed=0, random_Z=True):
     views that cost no disk (and make every sample the mean network)."""
     generator = torch.Generator().manual_seed(seed)
     state_dict = {key: random_tensor(key, shape, dtype, generator, random_Z=random_Z)
-                  for key, shape, dtype in key_list(model, layout)}
+                  for key, shape, dtype in released_keys(model, layout)}
     # Alpha ~ sqrt(2 / fan_in): the activations stay of order one through the network,
     # where float32 and float64 agree closely
     for key in state_dict:
@@ -266,7 +254,7 @@ def edited_file(head, name, edit):
     """A copy of a released file (today's layout, zero factors) with ``edit`` applied to
     its state_dict."""
     sd = {k: v for k, v in head["state_dict"].items()}
-    for key, _, _ in key_list(head["model"]):
+    for key, _, _ in released_keys(head["model"]):
         if key.endswith(".Z"):
             sd[key] = torch.zeros(1).expand(*(8,) + sd[key[:-1] + "M"].shape)
     edit(sd)
@@ -415,17 +403,6 @@ SCRIPTS_1W1A = {"resnet18_1w1a": ("evaluation/evaluate_cifar10_resnet18_1W1A.sh"
                 "vgg_small": ("evaluation/evaluate_cifar10_vgg-small_1W1A.sh", "vgg-small_1w1a_cifar10")}
 
 
-def with_samples(keys):
-    """The layout of the authors' code of 2024: an unused zero ``<layer>.sample`` (1 x K)
-    after every ``<layer>.Z`` (EXTENDED.md section 5.3)."""
-    out = []
-    for key, shape, dtype in keys:
-        out.append((key, shape, dtype))
-        if key.endswith(".Z"):
-            out.append((key[:-1] + "sample", (1, shape[0]), dtype))
-    return out
-
-
 @pytest.fixture(scope="module")
 def small_cifar10(tmp_path_factory):
     """20 test images: a full-size network evaluates them in a moment."""
@@ -441,8 +418,7 @@ def test_the_authors_1w1a_files_evaluate_in_both_layouts(model, layout, tmp_path
     code of 2024) through its evaluate script: K read from the file, and the mean
     network's top-1 that of the network the file describes."""
     script, keys = SCRIPTS_1W1A[model]
-    keys = read_key_file(f"{keys}_state_dict_keys.txt")
-    keys = with_samples(keys) if layout == "sample" else keys
+    keys = key_list(f"{keys}_state_dict_keys.txt", samples=layout == "sample")
     generator = torch.Generator().manual_seed(5)
     state_dict = {key: random_tensor(key, shape, dtype, generator, random_Z=False) for key, shape, dtype in keys}
     path = tmp_path / "model_best.pth.tar"

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import config
-from data import DATASETS, normalize
 from data.synthetic import write_image_folders
-from helpers import run_main, run_results, run_script
+from helpers import key_list, run_main, run_results, run_script
 from models import build_model, released
 from optim import VISPA
 from training import peak_lr
@@ -57,17 +56,6 @@ def test_a_narrow_network_trains_from_the_folders_and_evaluates_on_one_or_two_ra
     assert mean_net(tests[0][0]) == mean_net(tests[1][0]) == f"{epochs[1][1]:.2f}"  # every image once
 
 
-def key_file(name, layout):
-    keys = []
-    for line in open(f"tests/reference/{name}_state_dict_keys.txt"):
-        if line.strip() and not line.startswith("#"):
-            key, shape, dtype = line.split()
-            keys.append((key, () if shape == "-" else tuple(int(s) for s in shape.split("x")), getattr(torch, dtype)))
-            if layout == "sample" and key.endswith(".Z"):
-                keys.append((key[:-1] + "sample", (1, keys[-1][1][0]), torch.float32))
-    return keys
-
-
 def authors_file(path, keys):
     """A full-size file in the authors' ImageNet layout ({epoch, arch, state_dict,
     best_prec1, optimizer}) with random values and zero factors Z (no disk)."""
@@ -97,7 +85,7 @@ def authors_file(path, keys):
 def test_the_authors_imagenet_files_evaluate_through_their_scripts(imagenet, tmp_path, model, keys, script, K,
                                                                    layout):
     path = tmp_path / "model_best.pth.tar"
-    state = authors_file(path, key_file(keys, layout))
+    state = authors_file(path, key_list(f"{keys}_state_dict_keys.txt", samples=layout == "sample"))
     result = run_script(script, path, DATA_ROOT=imagenet, L=1, GPU="cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"({model}, imagenet, K={K}; released checkpoint, epoch 200" in result.stdout

@@ -1,6 +1,5 @@
 """The binary ResNet18 and VGG16: shapes, binary weights, and a one-to-one map onto
 the state_dict keys of the authors' released checkpoints (the 1W1A networks too)."""
-import os
 
 import numpy as np
 import pytest
@@ -11,10 +10,10 @@ from models.resnet import resnet18, resnet18_1w1a
 from models.vgg import vgg16
 from models.vgg_small import vgg_small
 from optim import VISPA
+from helpers import key_list, shapes_and_dtypes
 
-# The key lists of the authors' checkpoints (shapes and dtypes), kept beside the tests, with
+# The key lists of the authors' checkpoints (shapes and dtypes, in tests/reference/), with
 # the network, number of classes and rank K of the configuration they list.
-REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 RELEASED_LAYOUTS = {
     "resnet18": (resnet18, 100, 8, "resnet18_1w32a_cifar100_state_dict_keys.txt"),
     "vgg16": (vgg16, 100, 8, "vgg16_1w32a_cifar100_state_dict_keys.txt"),
@@ -23,17 +22,6 @@ RELEASED_LAYOUTS = {
     "resnet18 tiny-imagenet": (lambda num_classes: resnet18(num_classes, image_size=64), 200, 8,
                                "resnet18_1w32a_tiny-imagenet_state_dict_keys.txt"),
 }
-
-
-def read_reference(filename):
-    """{key: (shape, dtype)} from the key list of a released checkpoint."""
-    keys = {}
-    for line in open(os.path.join(REFERENCE, filename)):
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape, dtype = line.split()
-        keys[name] = (() if shape == "-" else tuple(int(d) for d in shape.split("x")), dtype)
-    return keys
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_LAYOUTS))
@@ -47,9 +35,9 @@ def test_parameters_and_buffers_map_one_to_one_onto_the_released_keys(name):
     distributions = {n: (opt.state[p]["M"], opt.state[p]["Z"]) for n, p in model.named_parameters()
                      if is_binary(p)}
     ours = released.to_released(model, distributions)
-    expected = read_reference(filename)
+    expected = {key: (shape, dtype) for key, shape, dtype in key_list(filename)}
     assert list(ours) == list(expected)  # the same keys in the same order
-    assert {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in ours.items()} == expected
+    assert shapes_and_dtypes(ours) == expected
     back = released.from_released(ours, factory(num_classes=classes))
     assert back.K == K and not back.dropped
     for key, value in model.state_dict().items():

@@ -3,7 +3,6 @@ keys of their released files, and their function (forward, and the straight-thro
 gradient that reaches M) against a float64 derivation written here, from the spec,
 on the networks' state_dict tensors."""
 import math
-import os
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from models.alexnet import alexnet_1w1a, alexnet_1w32a
 from models.birealnet import birealnet18
 from models.resnet_imagenet import resnet18_imagenet
 from optim import VISPA
-
-REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
+from helpers import key_list, shapes_and_dtypes
 
 # factory, the K of the authors' recipe, the key list of their file
 RELEASED = {
@@ -27,24 +25,13 @@ RELEASED = {
 }
 
 
-def read_reference(filename):
-    """{key: (shape, dtype)}, in the file's order, from a key list of a released checkpoint."""
-    keys = {}
-    for line in open(os.path.join(REFERENCE, filename)):
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape, dtype = line.split()
-        keys[name] = (() if shape == "-" else tuple(int(d) for d in shape.split("x")), dtype)
-    return keys
-
-
 def assert_released_layout(factory, model, distributions, K, filename):
     """The network with its distribution in the released layout has exactly the keys (in
     order), shapes and dtypes of the authors' file, and maps back onto a new network."""
     ours = released.to_released(model, distributions)
-    expected = read_reference(filename)
-    assert list(ours) == list(expected)
-    assert {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in ours.items()} == expected
+    expected = key_list(filename)
+    assert list(ours) == [key for key, _, _ in expected]
+    assert shapes_and_dtypes(ours) == {key: (shape, dtype) for key, shape, dtype in expected}
     back = released.from_released(ours, factory())
     assert back.K == K and not back.dropped
     assert list(back.model_state) == list(model.state_dict())

@@ -10,15 +10,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
 from data.synthetic import structured_images, write_cifar
-from helpers import (BEST, CHECKPOINT, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint,
+from helpers import (CHECKPOINT, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint,
                      read_text, run_main, script_env, start_main, wait_for)
 from utils import checkpoint
 from utils.run_dir import RunDir
