@@ -102,9 +102,14 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default 256 on a GPU, 8 on the CPU")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 20 on a GPU, 2 on the CPU)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument("--images", type=int, default=256, help="JPEGs the loaders read")
+    p.add_argument("--images", type=int, default=256,
+                   help="JPEGs the loaders read (at least 128: four batches, the first one untimed)")
     p.add_argument("--loaders-only", action="store_true")
     args = p.parse_args()
+    if args.batch is not None and args.batch < 2:
+        p.error("--batch must be at least 2 (BatchNorm in training needs two images)")
+    if args.images < 128:
+        p.error("--images must be at least 128: four batches of 32, the first one not timed")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch, repeats = args.batch or (256 if gpu else 8), args.repeats or (20 if gpu else 2)

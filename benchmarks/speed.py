@@ -8,8 +8,9 @@ stem once per evaluation batch of 1000); (c) bf16: (b) with --bf16. On a GPU the
 sizes are the real ones; on the CPU reduced ones, extrapolated to 50k / 10k images.
 benchmarks/README.md explains the rows and holds the measured tables.
 
-    python benchmarks/speed.py                                   # the tables
-    python benchmarks/speed.py --models resnet18 --concurrent 5  # five runs on one device
+    python benchmarks/speed.py                                  # the two CIFAR-100 tables
+    python benchmarks/speed.py --recipes resnet18_1w1a_cifar10  # any CIFAR recipe
+    python benchmarks/speed.py --concurrent 5                   # five runs on one device
 """
 import argparse
 import os
@@ -29,12 +30,13 @@ sys.path.insert(0, ROOT)  # run as a script: the repository's packages
 import engine  # noqa: E402
 from config import RECIPES, Config  # noqa: E402
 from data import DATASETS  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from models import build_model  # noqa: E402
 from optim import VISPA, learning_rate  # noqa: E402
 from utils import checkpoint  # noqa: E402
 
 FULL_TRAIN, FULL_TEST = 50_000, 10_000
-SIZES = {"train_images": (FULL_TRAIN, 1280), "test_images": (FULL_TEST, 256), "width": (64, 8),
+CIFAR = [name for name, cfg in RECIPES.items() if cfg.dataset.startswith("cifar")]
+SIZES = {"train_images": (FULL_TRAIN, 1280), "test_images": (FULL_TEST, 256), "width": (None, 8),
          "steps": (50, 2), "repeats": (1, 3)}  # (on CUDA, on the CPU)
 MODES = {"a": "(a) reference-style", "b": "(b) default", "c": "(c) bf16"}
 ROWS = [  # label, key, format, ratio: "time" (a)/(x), "rate" (x)/(a), or None
@@ -60,16 +62,6 @@ def timed(device, work):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1000
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_mib(device):
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 # ---- (a): the authors' loops, written out plainly -------------------------------------------
@@ -103,10 +95,10 @@ def reference_evaluate(model, opt, batches, L, device):
 
 # ---- one column of the table ------------------------------------------------------------------
 
-def prepare(mode, name, data, args, device):
+def prepare(mode, recipe, data, args, device):
     """The recipe at the benchmark's size, and the network, VISPA and loaders of ``mode``
     ("a": as the authors run - default memory format, torch's default update, torchvision)."""
-    cfg = Config(**dict(RECIPES[f"{name}_1w32a_cifar100"].to_dict(), width=args.width, L=args.L,
+    cfg = Config(**dict(RECIPES[recipe].to_dict(), width=args.width, L=args.L,
                         bf16=mode == "c", eval_batch_size=256 if mode == "a" else 1000))
     fmt = torch.channels_last if device.type == "cuda" and mode != "a" else torch.contiguous_format
     model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size).to(device, memory_format=fmt)
@@ -129,11 +121,13 @@ def resident(images, labels, batch, cfg, device, fmt):
     return [next(iter(spec.loader(images[:n], labels[:n], n, False, device, fmt))) for n in sizes]
 
 
-def measure(mode, name, data, args, device):
+def measure(mode, recipe, data, args, device):
     """Train one epoch and evaluate once in ``mode``: the figures of one column."""
     torch.manual_seed(0)
-    reset_peak(device)
-    cfg, model, opt, fmt, (train_loader, test_loader) = prepare(mode, name, data, args, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cfg, model, opt, fmt, (train_loader, test_loader) = prepare(mode, recipe, data, args, device)
     steps = len(train_loader)
     lr_at = lambda it: learning_rate(it, cfg.lr, cfg.warmup_epochs * steps, cfg.epochs * steps)
     if mode == "a":
@@ -154,7 +148,7 @@ def measure(mode, name, data, args, device):
     trained = len(train_y) - (len(train_y) % cfg.batch_size == 1)  # a last batch of one is dropped
     result = {"images_per_s": trained / train_s, "train_s": train_s * FULL_TRAIN / trained,
               "eval_s": eval_s * FULL_TEST / len(test_y), "step_ms": 1000 * step_s,
-              "peak_mib": peak_mib(device)}
+              "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     result["epoch_s"] = result["train_s"] + result["eval_s"]
     result["run_h"] = cfg.epochs * result["epoch_s"] / 3600
     if mode == "b":
@@ -187,7 +181,7 @@ def best(rounds):
     return result
 
 
-def table(name, results, args, device):
+def table(recipe, results, args):
     labels = [label.format(L=args.L) for label, *_ in ROWS]
     first = max(len(label) for label in labels) + 2
     lines = [" " * first + "".join(f"{m:>20}" for m in MODES.values()) + f"{'(a)/(b)':>10}{'(a)/(c)':>10}"]
@@ -201,7 +195,9 @@ def table(name, results, args, device):
     scaled = args.train_images != FULL_TRAIN or args.test_images != FULL_TEST
     size = (f"{args.train_images} / {args.test_images} images, per-epoch figures EXTRAPOLATED to 50k / 10k"
             if scaled else "50k training / 10k test images")
-    print(f"\n{name}, width {args.width}, K=8, L={args.L}, batch 256; {size}; best of {args.repeats} round(s)")
+    cfg = RECIPES[recipe]
+    print(f"\n{recipe}: {cfg.model}, width {args.width or cfg.width}, K={cfg.K}, L={args.L}, batch "
+          f"{cfg.batch_size}; {size}; best of {args.repeats} round(s)")
     print("\n".join(lines))
     ck = results["b"]["checkpoint"]
     print(f"checkpoint every epoch ({ck['mb']:.0f} MB with momenta): {ck['in_loop_s']:.2f} s written in "
@@ -213,7 +209,7 @@ def table(name, results, args, device):
 def worker(args, data, device):
     """One run of mode (b) in its own process: warm up, say "ready", wait for a line on
     stdin, train one epoch and evaluate once, print the seconds of the full epoch."""
-    cfg, model, opt, _, (train_loader, test_loader) = prepare("b", args.models[0], data, args, device)
+    cfg, model, opt, _, (train_loader, test_loader) = prepare("b", args.recipes[0], data, args, device)
     engine.train_one_epoch(model, opt, [next(iter(train_loader))], lambda it: cfg.lr)
     engine.evaluate(model, opt, [next(iter(test_loader))], 1)
     print("ready", flush=True)
@@ -225,9 +221,9 @@ def worker(args, data, device):
 
 def concurrent(args, device):
     """One run alone, then ``args.concurrent`` runs at once: seconds per full epoch."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--models", args.models[0],
-               "--device", str(device), "--width", str(args.width), "--L", str(args.L),
-               "--train-images", str(args.train_images), "--test-images", str(args.test_images)]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--recipes", args.recipes[0],
+               "--device", str(device), "--L", str(args.L), "--train-images", str(args.train_images),
+               "--test-images", str(args.test_images)] + (["--width", str(args.width)] if args.width else [])
     epoch = {}
     for count in (1, args.concurrent):
         workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -238,8 +234,9 @@ def concurrent(args, device):
             w.stdin.write("go\n")
             w.stdin.flush()
         epoch[count] = max(float(w.communicate()[0].split()[-1]) for w in workers)
-    n, E = args.concurrent, RECIPES[f"{args.models[0]}_1w32a_cifar100"].epochs
-    print(f"\n{args.models[0]}, mode (b), width {args.width}, L={args.L} on {device}: seconds per full "
+    cfg, n = RECIPES[args.recipes[0]], args.concurrent
+    E = cfg.epochs
+    print(f"\n{args.recipes[0]}, mode (b), width {args.width or cfg.width}, L={args.L} on {device}: seconds per full "
           f"epoch {epoch[1]:.2f} alone, {epoch[n]:.2f} each of {n} at once; {n} runs of {E} epochs: "
           f"{n * E * epoch[1] / 3600:.2f} h one after another, {E * epoch[n] / 3600:.2f} h all at once")
 
@@ -247,11 +244,12 @@ def concurrent(args, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--recipes", nargs="+", choices=CIFAR, default=CIFAR[:2], metavar="RECIPE",
+                   help=f"CIFAR recipes to measure (default: the two CIFAR-100 ones); one of {', '.join(CIFAR)}")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if there is one)")
     for key in SIZES:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
-                       help=f"default {SIZES[key][0]} on CUDA, {SIZES[key][1]} on the CPU")
+                       help=f"default {SIZES[key][0] or 'the recipe'} on CUDA, {SIZES[key][1]} on the CPU")
     p.add_argument("--L", type=int, default=40, help="samples per test image")
     p.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
                    help="DataLoader worker processes of mode (a) (the authors used 10)")
@@ -268,7 +266,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # as main.py, for every mode
     g = torch.Generator().manual_seed(0)
     split = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                       torch.randint(0, 100, (n,), generator=g))
+                       torch.randint(0, 10, (n,), generator=g))  # labels that every CIFAR recipe has
     data = (split(args.train_images), split(args.test_images))
     if args.worker:
         return worker(args, data, device)
@@ -277,12 +275,12 @@ def main(argv=None):
           f"torch {torch.__version__}")
     if args.concurrent:
         return concurrent(args, device)
-    for model_name in args.models:
+    for recipe in args.recipes:
         rounds = {mode: [] for mode in MODES}
         for _ in range(args.repeats):
             for mode in MODES:
-                rounds[mode].append(measure(mode, model_name, data, args, device))
-        table(model_name, {mode: best(found) for mode, found in rounds.items()}, args, device)
+                rounds[mode].append(measure(mode, recipe, data, args, device))
+        table(recipe, {mode: best(found) for mode, found in rounds.items()}, args)
 
 
 if __name__ == "__main__":
