@@ -510,8 +510,9 @@ def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, backend
     The training batches start a new shuffled epoch each time they are iterated and have
     ``len()`` = the steps per epoch (``steps_per_epoch``: 1252 for ImageNet at 256 on 4
     ranks); the validation batches (of ``eval_batch_size``, default ``batch_size``) are
-    this rank's part of the validation set (each image on exactly one rank). Batches: float32 normalised images (B, 3, 224, 224) in
-    ``memory_format`` and int64 labels, both on ``device``.
+    this rank's part of the validation set (each image on exactly one rank). Batches:
+    float32 normalised images (B, 3, 224, 224) in ``memory_format`` and int64 labels,
+    both on ``device``.
 
     ``backend``: "torchvision" (``workers`` DataLoader processes) or "dali" (``workers``
     DALI threads; ``dali_device`` "gpu" decodes on the GPU, "cpu" on the CPU, the only

@@ -194,10 +194,10 @@ class VISPA(torch.optim.Optimizer):
         Yields the draws ``r`` (one per binary weight, in ``binary_params()`` order,
         already scaled by ``1/sqrt(S)``). ``draws`` replays given ones instead of
         drawing fresh ones; ``generator`` draws from another generator than the
-        optimizer's own (the virtual ranks of a multi-GPU step, each with its own). With ``train=True``, leaving the context turns the
-        gradient that the enclosed ``backward()`` left on each binary weight into
-        the M and Z gradients of this sample and adds them to those of the
-        samples before it (the weight's own ``.grad`` is then cleared). On leaving,
+        optimizer's own (the virtual ranks of a multi-GPU step, each with its
+        own). With ``train=True``, leaving the context turns the gradient that the
+        enclosed ``backward()`` left on each binary weight into the M and Z
+        gradients of this sample and adds them to those of the samples before it (the weight's own ``.grad`` is then cleared). On leaving,
         the layers hold ``sign(M)`` again.
         """
         used = self._write_samples(draws, generator)

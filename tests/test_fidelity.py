@@ -24,6 +24,8 @@ GOLDEN_FILES = ["resnet18_w8_k4.pt", "resnet18_1w1a_w8_k4.pt"]
 # The network each file was produced with, by its "mode" (the 1W32A file has none).
 FACTORIES = {"1w32a": resnet18, "1w1a": resnet18_1w1a}
 TOLERANCE = 1e-12  # relative, in float64
+# On CUDA as main.py runs there: channels_last, and VISPA's fused SGD update.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def relative_difference(ours, theirs):
@@ -34,22 +36,33 @@ def relative_difference(ours, theirs):
     return difference / scale if scale > 0 else difference
 
 
-def golden_network(golden):
+def golden_network(golden, device="cpu"):
     """Our network of the golden file's mode and VISPA, filled from the file's
-    released-layout state."""
+    released-layout state (on ``device``, channels_last on CUDA as main.py has it)."""
     width = golden["widths"][0]
     assert list(golden["widths"]) == [width, 2 * width, 4 * width, 8 * width]
     torch.manual_seed(0)
     factory = FACTORIES[golden.get("mode", "1w32a")]
     model = factory(num_classes=golden["num_classes"], width=width).double()
+    if device != "cpu":
+        model.to(device, memory_format=torch.channels_last)
     opt = VISPA(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, K=golden["K"], S=golden["S"])
     found = released.from_released(golden["state_before"], model)
     assert found.K == golden["K"] and not found.dropped
     model.load_state_dict(found.model_state)
     params = dict(model.named_parameters())
     for param_name, (M, Z) in found.distributions.items():
-        opt.set_distribution(params[param_name], M, Z)
+        opt.set_distribution(params[param_name], M.to(device), Z.to(device))
     return model, opt
+
+
+def on(device, golden, *keys):
+    """The golden entries ``keys`` on ``device`` (the draws: a list of tensors)."""
+    moved = []
+    for key in keys:
+        value = golden[key]
+        moved.append([r.to(device) for r in value] if isinstance(value, (list, tuple)) else value.to(device))
+    return moved
 
 
 def distributions(model, opt):
@@ -68,35 +81,39 @@ def test_golden_file_is_the_networks_layout(golden):
     assert len(golden["draws"]) == len(opt.binary_params()) == 16
 
 
-def test_evaluation_logits_of_the_mean_network_and_of_given_draws(golden):
-    model, opt = golden_network(golden)
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_logits_of_the_mean_network_and_of_given_draws(golden, device):
+    model, opt = golden_network(golden, device)
+    inputs, draws = on(device, golden, "inputs", "draws")
     model.eval()
     with torch.no_grad():
         with opt.mean_params():
-            mean = model(golden["inputs"])
-        with opt.sampled_params(draws=golden["draws"]):
-            sampled = model(golden["inputs"])
+            mean = model(inputs).cpu()
+        with opt.sampled_params(draws=draws):
+            sampled = model(inputs).cpu()
     assert relative_difference(mean, golden["eval_logits_mean_network"]) <= TOLERANCE
     assert relative_difference(sampled, golden["eval_logits_with_draws"]) <= TOLERANCE
     assert relative_difference(mean, sampled) > 1e-3  # the draws matter
 
 
-def test_one_training_step_updates_every_tensor_as_the_authors_code(golden):
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_training_step_updates_every_tensor_as_the_authors_code(golden, device):
     """Training-mode logits and loss with the given draws, then one step (lr 0.1,
     momentum 0.9, weight decay 5e-4): every M, Z, Alpha, real parameter and BatchNorm
     running statistic of the golden state after the step."""
-    model, opt = golden_network(golden)
+    model, opt = golden_network(golden, device)
+    inputs, labels, draws = on(device, golden, "inputs", "labels", "draws")
     model.train()
     opt.zero_grad()
-    with opt.sampled_params(train=True, draws=golden["draws"]):
-        logits = model(golden["inputs"])
-        loss = F.cross_entropy(logits, golden["labels"])
+    with opt.sampled_params(train=True, draws=draws):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
         loss.backward()
-    assert relative_difference(logits.detach(), golden["train_logits"]) <= TOLERANCE
-    assert relative_difference(loss.detach(), golden["train_loss"]) <= TOLERANCE
+    assert relative_difference(logits.detach().cpu(), golden["train_logits"]) <= TOLERANCE
+    assert relative_difference(loss.detach().cpu(), golden["train_loss"]) <= TOLERANCE
     opt.step()
 
-    after = released.to_released(model, distributions(model, opt))
+    after = {key: value.cpu() for key, value in released.to_released(model, distributions(model, opt)).items()}
     expected = golden["state_after"]
     assert list(after) == list(expected)
     moved = 0
