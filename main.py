@@ -33,7 +33,7 @@ import engine
 from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
 from data import DATASETS, DatasetError
 from models import is_binary, packed, released
-from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, load_ours, progress, require,
+from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, data_folder, load_ours, progress, require,
                       saved_config, test_batches, train)
 from utils import checkpoint, distributed
 from utils.checkpoint import CheckpointError
@@ -42,22 +42,33 @@ from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped
 
 # ---- command line ------------------------------------------------------------------------
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one to show (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     p = argparse.ArgumentParser(
-        description="Train binary networks on CIFAR with VISPA: Gaussian variational inference over "
-                    "the binary weights with a rank-K covariance factor. The defaults are the paper's "
-                    "recipe (ResNet18, CIFAR-100, 1W32A).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train binary networks on CIFAR, Tiny-ImageNet or ImageNet with VISPA: Gaussian "
+                    "variational inference over the binary weights with a rank-K covariance factor. "
+                    "The defaults are the paper's recipe (ResNet18, CIFAR-100, 1W32A).",
+        formatter_class=HelpWithDefaults)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from one of the authors' configurations (options given too override it)")
     add_arguments(p, defaults)
     a = p.add_argument
-    a("--data_root", default=DEFAULT_DATA_ROOT,
-      help="folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/")
+    a("--data_root", default=None,
+      help=f"folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
+           f"train/ and val/) "
+           f"(default: {DEFAULT_DATA_ROOT}; with --resume, the folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
       "(default: <model>_<dataset>_<date>)")
-    a("--results_dir", default="./results")
+    a("--results_dir", default="./results", help="where run logs (<save>.txt) and run folders go")
     a("-e", "--evaluate", metavar="FILE", default=None,
       help="evaluate a checkpoint on the test set (ours, or the authors' released layout with "
            "--model/--dataset naming the network; K is read from the file), or an exported network "
@@ -214,7 +225,7 @@ def evaluate_file(args, cfg, typed, device, world):
     if packed_file(args.evaluate):
         return evaluate_packed(args, cfg, typed, device, world)
     model, opt, cfg, source, note = load_network(args.evaluate, cfg, typed, device)
-    test = test_batches(cfg, args.data_root, device, world)
+    test = test_batches(cfg, data_folder(args), device, world)
     total = lambda sums: distributed.sum_(sums, world)
     val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
     mean = engine.evaluate_mean(model, opt, test, cfg.bf16, total)
@@ -274,7 +285,7 @@ def evaluate_packed(args, cfg, typed, device, world):
     if "dataset" in typed and cfg.dataset != content["dataset"]:
         raise CheckpointError(f"{args.evaluate} is a network for {content['dataset']}, not --dataset {cfg.dataset}")
     cfg = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
-    result = engine.evaluate_deterministic(model, test_batches(cfg, args.data_root, device, world), False,
+    result = engine.evaluate_deterministic(model, test_batches(cfg, data_folder(args), device, world), False,
                                            lambda sums: distributed.sum_(sums, world))
     if world.main:
         print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "

@@ -443,14 +443,22 @@ def progress(batches, description):
     return tqdm(batches, desc=description, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
-def resume_command(args, run, world):
+def data_folder(args, resumed=None):
+    """Where the dataset is read from: ``--data_root``, else the folder the resumed run was
+    trained on (its checkpoints remember it), else ./datasets."""
+    if args.data_root is not None:
+        return args.data_root
+    return (resumed or {}).get("data_root") or DEFAULT_DATA_ROOT
+
+
+def resume_command(args, run, world, data_root):
     """The command line that continues this run (with the data and device it used)."""
     words = ["python", "main.py"]
     if world.several:
         words = ["torchrun", "--nproc_per_node", str(world.size), "main.py"]
     words += ["--resume", run.folder]
-    if os.path.normpath(args.data_root) != os.path.normpath(DEFAULT_DATA_ROOT):
-        words += ["--data_root", args.data_root]
+    if os.path.normpath(data_root) != os.path.normpath(DEFAULT_DATA_ROOT):
+        words += ["--data_root", data_root]
     if args.gpus is not None:
         words += ["--gpus", args.gpus]
     return " ".join(shlex.quote(word) for word in words)
@@ -469,7 +477,14 @@ def train(args, cfg, typed, device, world=distributed.World()):
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
-    train_batches, test_batches = batches(cfg, args.data_root, device, world, shards)
+    data_root = data_folder(args, resumed)
+    try:
+        train_batches, test_batches = batches(cfg, data_root, device, world, shards)
+    except DatasetError as error:
+        if args.data_root is None and resumed is not None and resumed.get("data_root"):
+            raise DatasetError(f"{error} ({data_root} is where the run was trained; give --data_root "
+                               f"to read the dataset from elsewhere)") from None
+        raise
     model, opt = build(cfg, device, world.rank)
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=lambda grads: distributed.average_(grads, world) if world.several else None,
@@ -497,7 +512,8 @@ def train(args, cfg, typed, device, world=distributed.World()):
         state = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": cfg.to_dict(),
                  "run": run.name, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer,
                  "best_prec1": progress_.best_prec1, "best_epoch": progress_.best_epoch,
-                 "history": progress_.history, "ranks": rank_states, "log_offset": log.offset}
+                 "history": progress_.history, "ranks": rank_states, "log_offset": log.offset,
+                 "data_root": os.path.abspath(data_root)}
         return state, dict(state, optimizer=without_momenta(optimizer))
 
     fresh = resumed is None or os.path.abspath(path) != run.checkpoint  # new, forked or rewound
@@ -525,7 +541,7 @@ def train(args, cfg, typed, device, world=distributed.World()):
                 saver.wait()
                 log.write(f"Stopped by {signal.Signals(stop.agreed).name} during epoch {epoch}/{cfg.epochs}; "
                           f"the checkpoint of epoch {epoch - 1} is {run.checkpoint}. Resume with: "
-                          f"{resume_command(args, run, world)}")
+                          f"{resume_command(args, run, world, data_root)}")
                 return exit_stopped(stop.agreed)
             mean = engine.evaluate_mean(model, opt, test_batches, cfg.bf16, ranks.total)
             saver.wait()  # the last epoch's checkpoint is on disk (or its failure raised) before this one is logged

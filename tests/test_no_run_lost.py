@@ -73,6 +73,32 @@ def test_resuming_from_model_best_is_refused_and_rewind_goes_back_explicitly(fin
     assert load_checkpoint(run.checkpoint)["epoch"] == 3
 
 
+def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar10_root, tmp_path):
+    """After a crash, ``--resume RUN`` alone: the checkpoint knows the data folder. Where
+    that folder is gone, the error says so (and nothing is written); --data_root wins."""
+    results, run = copy_run(finished, tmp_path)
+    state = load_checkpoint(run.checkpoint)
+    assert state["data_root"] == os.path.abspath(cifar10_root)
+
+    def unfinished(data_root):  # the same run, with a fourth epoch still to train
+        checkpoint.save_atomic(dict(state, data_root=data_root, config=dict(state["config"], epochs=4)),
+                               run.checkpoint)
+
+    moved = str(tmp_path / "moved")
+    unfinished(moved)
+    refused(["--resume", run.folder, "--gpus", "cpu"], f"error: cifar10 not found: {moved}",
+            f"({moved} is where the run was trained; give --data_root to read the dataset from elsewhere)",
+            watched=[results])
+    r = run_main("--resume", run.folder, "--gpus", "cpu", "--data_root", cifar10_root)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(run.checkpoint)["epoch"] == 4
+
+    unfinished(os.path.abspath(cifar10_root))
+    r = run_main("--resume", run.folder, "--gpus", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(run.checkpoint)["epoch"] == 4
+
+
 def test_a_copy_kept_elsewhere_is_not_resumed_beside_an_unrelated_file(finished, cifar10_root, tmp_path):
     """elsewhere/backup/checkpoint.pth.tar with elsewhere/backup.txt beside its folder:
     resuming it would write its log into backup.txt."""

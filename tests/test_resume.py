@@ -118,7 +118,7 @@ def test_kill_9_anywhere_then_resume_ends_exactly_like_the_uninterrupted_run(dat
     results = str(tmp_path / "results")
     run_dir = os.path.join(results, "run")
     fresh = [*TINY, "--epochs", EPOCHS, "--data_root", data, "--results_dir", results, "--save", "run"]
-    resume = ["--resume", run_dir, "--data_root", data, "--gpus", "cpu"]
+    resume = ["--resume", run_dir, "--gpus", "cpu"]  # after a crash: the checkpoint knows the data folder
     watcher = CheckpointWatcher(run_dir)
     events, last_epoch, torn_writes = [], -1, 0
     for i, (kind, condition) in enumerate(plan + [("to the end", None)]):
