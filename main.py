@@ -33,8 +33,8 @@ import engine
 from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
 from data import DATASETS, DatasetError
 from models import is_binary, packed, released
-from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, data_folder, load_ours, progress, require,
-                      saved_config, test_batches, train)
+from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, data_folder, dataset_moved, load_ours,
+                      progress, require, saved_config, test_batches, train)
 from utils import checkpoint, distributed
 from utils.checkpoint import CheckpointError
 from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped
@@ -64,7 +64,8 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     a("--data_root", default=None,
       help=f"folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
            f"train/ and val/) "
-           f"(default: {DEFAULT_DATA_ROOT}; with --resume, the folder the run was trained on)")
+           f"(default: {DEFAULT_DATA_ROOT}; with --resume or --evaluate of a checkpoint of ours, the "
+           f"folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
       "(default: <model>_<dataset>_<date>)")
@@ -178,7 +179,7 @@ def load_released(model, opt, found):
 def load_network(path, cfg, typed, device):
     """The network and its distribution in a file of ours or of the authors' (any of
     their layouts): (model, VISPA, the config it was trained with, where it comes from,
-    a note for the reader)."""
+    a note for the reader, the data folder it was trained on if the file says)."""
     ckpt = checkpoint.load(path)
     note = ""
     if ckpt.get("format") == checkpoint.FORMAT:
@@ -192,7 +193,7 @@ def load_network(path, cfg, typed, device):
         load_ours(model, opt, ckpt, path)
         source = f"epoch {ckpt['epoch']} of run {ckpt.get('run', ckpt['config'].get('save'))}"
         asked = {key: getattr(cfg, key) for key in ("L", "bf16", "loader", "workers") if key in typed or key == "L"}
-        return model, opt, replace(saved, **asked), source, note
+        return model, opt, replace(saved, **asked), source, note, ckpt.get("data_root")
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
                               f"(no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
@@ -216,7 +217,7 @@ def load_network(path, cfg, typed, device):
     if K == 0:
         note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
                 "every one of the L samples is sign(M) and both results are the same network's.\n")
-    return model, opt, cfg, source, note
+    return model, opt, cfg, source, note, None
 
 
 def evaluate_file(args, cfg, typed, device, world):
@@ -224,8 +225,11 @@ def evaluate_file(args, cfg, typed, device, world):
     results of an exported network. With torchrun the ranks share the test set."""
     if packed_file(args.evaluate):
         return evaluate_packed(args, cfg, typed, device, world)
-    model, opt, cfg, source, note = load_network(args.evaluate, cfg, typed, device)
-    test = test_batches(cfg, data_folder(args), device, world)
+    model, opt, cfg, source, note, trained_on = load_network(args.evaluate, cfg, typed, device)
+    try:
+        test = test_batches(cfg, data_folder(args, trained_on), device, world)
+    except DatasetError as error:
+        raise dataset_moved(error, args, trained_on) from None
     total = lambda sums: distributed.sum_(sums, world)
     val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
     mean = engine.evaluate_mean(model, opt, test, cfg.bf16, total)
@@ -260,7 +264,7 @@ def export_file(args, cfg, typed, device):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"cannot write {args.out}: the folder {folder} does not exist")
-    model, opt, cfg, source, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
+    model, opt, cfg, source, _, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
     means = {name: opt.state[p]["M"] for name, p in model.named_parameters() if is_binary(p)}
     dataset = DATASETS[cfg.dataset]
     exported = packed.pack(model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,

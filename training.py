@@ -443,12 +443,19 @@ def progress(batches, description):
     return tqdm(batches, desc=description, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
-def data_folder(args, resumed=None):
-    """Where the dataset is read from: ``--data_root``, else the folder the resumed run was
-    trained on (its checkpoints remember it), else ./datasets."""
-    if args.data_root is not None:
-        return args.data_root
-    return (resumed or {}).get("data_root") or DEFAULT_DATA_ROOT
+def data_folder(args, trained_on=None):
+    """Where the dataset is read from: ``--data_root``, else the folder the resumed or
+    evaluated run was trained on (its checkpoints remember it), else ./datasets."""
+    return args.data_root or trained_on or DEFAULT_DATA_ROOT
+
+
+def dataset_moved(error, args, trained_on):
+    """A DatasetError that says, where it was read from the folder a checkpoint names,
+    that this is where the run was trained."""
+    if args.data_root or not trained_on:
+        return error
+    return DatasetError(f"{error} ({trained_on} is where the run was trained; give --data_root to read "
+                        f"the dataset from elsewhere)")
 
 
 def resume_command(args, run, world, data_root):
@@ -477,14 +484,12 @@ def train(args, cfg, typed, device, world=distributed.World()):
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
-    data_root = data_folder(args, resumed)
+    trained_on = None if resumed is None else resumed.get("data_root")
+    data_root = data_folder(args, trained_on)
     try:
         train_batches, test_batches = batches(cfg, data_root, device, world, shards)
     except DatasetError as error:
-        if args.data_root is None and resumed is not None and resumed.get("data_root"):
-            raise DatasetError(f"{error} ({data_root} is where the run was trained; give --data_root "
-                               f"to read the dataset from elsewhere)") from None
-        raise
+        raise dataset_moved(error, args, trained_on) from None
     model, opt = build(cfg, device, world.rank)
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=lambda grads: distributed.average_(grads, world) if world.several else None,

@@ -132,7 +132,7 @@ def test_help_explains_every_option_with_its_default():
             ("--rewind", "discarding the run's later epochs"), ("--fork", "start the new run NAME"),
             ("--evaluate", "K is read from the file"), ("--bf16", "bfloat16 autocast"),
             ("--projection", "the paper's constraint"), ("--demo", "generated dataset"),
-            ("--data_root", "(default: ./datasets; with --resume, the folder the run was trained on)"),
+            ("--data_root", "with --resume or --evaluate of a checkpoint of ours, the folder the run was trained on"),
             ("--results_dir", "(default: ./results)")]:
         assert flag in out.stdout, flag
         assert explanation in text, (flag, explanation)

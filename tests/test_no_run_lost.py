@@ -74,8 +74,9 @@ def test_resuming_from_model_best_is_refused_and_rewind_goes_back_explicitly(fin
 
 
 def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar10_root, tmp_path):
-    """After a crash, ``--resume RUN`` alone: the checkpoint knows the data folder. Where
-    that folder is gone, the error says so (and nothing is written); --data_root wins."""
+    """After a crash, ``--resume RUN`` alone: the checkpoint knows the data folder (and
+    ``--evaluate`` of it too). Where that folder is gone, the error says so (and nothing
+    is written); --data_root wins."""
     results, run = copy_run(finished, tmp_path)
     state = load_checkpoint(run.checkpoint)
     assert state["data_root"] == os.path.abspath(cifar10_root)
@@ -97,6 +98,8 @@ def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar1
     r = run_main("--resume", run.folder, "--gpus", "cpu")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(run.checkpoint)["epoch"] == 4
+    r = run_main("--evaluate", run.best, "--gpus", "cpu")  # the same for --evaluate
+    assert r.returncode == 0 and "Test: loss" in r.stdout, r.stderr
 
 
 def test_a_copy_kept_elsewhere_is_not_resumed_beside_an_unrelated_file(finished, cifar10_root, tmp_path):
