@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Binary ResNet18 (1W32A) on Tiny-ImageNet (200 classes, 64x64 images, the stem strided by 2),
 # trained with VISPA: the authors' recipe for five seeds, one run per GPU slot, then a table
-# of the results (mean ± std over the seeds; published: 58.98 ± 0.28).
+# of the results (mean ± std over the seeds; published: 58.98 ± 0.28). The authors' own
+# script runs seed 512 alone: SEEDS=512 to compare with that run.
 #
 #   bash download_data.sh tiny-imagenet             # once: ./datasets/tiny-imagenet-200
 #   bash benchmark/Benchmark_tiny_imagenet_resnet18_1w32a.sh                   # GPUs 0-4, one seed each
