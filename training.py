@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import engine
-from config import Config
+from config import IMAGENET_RANKS, Config
 from data import DATASETS, DatasetError
 from models import build_model
 from optim import VISPA, learning_rate
@@ -137,6 +137,17 @@ class Interleaved:
     def load_state_dict(self, states):
         for loader, state in zip(self.loaders, states):
             loader.load_state_dict(state)
+
+
+def scaled_lr_note(cfg, world):
+    """What --scale-lr made of --lr, and whether the run has the ranks of the authors'
+    ImageNet runs (with fewer, it takes fewer samples per step and a smaller peak lr)."""
+    ranks = world.size * cfg.virtual_ranks
+    note = f"Peak lr {peak_lr(cfg, world):g} = lr {cfg.lr:g} x batch {cfg.batch_size} x {ranks} rank(s) / 256"
+    if cfg.dataset == "imagenet" and ranks != IMAGENET_RANKS:
+        note += (f"; the authors' ImageNet runs have {IMAGENET_RANKS} (torchrun --nproc_per_node "
+                 f"{IMAGENET_RANKS}; on fewer GPUs, --virtual-ranks makes up the {IMAGENET_RANKS})")
+    return note
 
 
 def peak_lr(cfg, world):
@@ -363,6 +374,8 @@ def open_log(run, cfg, resumed, path, device, steps, world):
             ranks = f"{world.size} ranks x {cfg.virtual_ranks} virtual" if world.several else \
                 f"{cfg.virtual_ranks} virtual ranks" if cfg.virtual_ranks > 1 else "one rank"
             log.write(f"Device: {device}; {ranks}; {steps} training steps per epoch")
+            if cfg.scale_lr:
+                log.write(scaled_lr_note(cfg, world))
             return log, progress
         how = f"Forked from {path} (run {resumed.get('run')}) at epoch {resumed['epoch']}/{cfg.epochs}"
     else:

@@ -44,7 +44,11 @@ def test_a_narrow_network_trains_from_the_folders_and_evaluates_on_one_or_two_ra
                    "--results_dir", results, "--save", "imagenet")
     assert run.returncode == 0, run.stderr
     epochs, status = run_results(results, "imagenet")
-    assert status.finished and "2 training steps per epoch" in open(results / "imagenet.txt").read()
+    log = open(results / "imagenet.txt").read()
+    assert status.finished and "2 training steps per epoch" in log
+    # one rank, batch 20: what --scale-lr made of the lr, and that the authors had 4 ranks
+    assert ("Peak lr 0.0078125 = lr 0.1 x batch 20 x 1 rank(s) / 256; the authors' ImageNet runs have 4 "
+            "(torchrun --nproc_per_node 4; on fewer GPUs, --virtual-ranks makes up the 4)") in log
     best = results / "imagenet" / "model_best.pth.tar"
     one = run_script("evaluation/evaluate_imagenet_resnet18_1W32A.sh", best, DATA_ROOT=imagenet, L=1, GPU="cpu")
     two = run_script("evaluation/evaluate_imagenet_resnet18_1W32A.sh", best, DATA_ROOT=imagenet, L=1, GPU="cpu",
