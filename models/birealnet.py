@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .binary import BinaryConv2d
-from .resnet_imagenet import add_stages, downsample, real_convs
+from .resnet_imagenet import ImageNetResNet, downsample, real_convs
 
 BN_GAMMA = 1e-8  # the initial scale of every BatchNorm2d
 
@@ -45,36 +45,19 @@ class BasicBlock(nn.Module):
         return F.hardtanh(self.bn2(self.conv2(out)) + out)
 
 
-class BiRealNet18(nn.Module):
-    """``width`` is the stem's channel count (64 in the paper); the stages have
-    width x 1, 2, 4, 8 channels."""
+class BiRealNet18(ImageNetResNet):
+    """Hardtanh after the stem, Bi-Real blocks with binary inputs, every BatchNorm2d
+    starting at gamma = 1e-8."""
+    stem_activation = staticmethod(F.hardtanh)
 
     def __init__(self, num_classes=1000, width=64):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        features = add_stages(self, BasicBlock, width)
-        self.bn2 = nn.BatchNorm1d(features)
-        self.fc = nn.Linear(features, num_classes)
+        super().__init__(BasicBlock, num_classes, width)
         for conv in real_convs(self):
             nn.init.kaiming_normal_(conv.weight)
         for bn in self.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 nn.init.constant_(bn.weight, BN_GAMMA)
                 nn.init.zeros_(bn.bias)
-
-    def stem(self, x):
-        """conv -> BatchNorm -> Hardtanh -> max-pool: the layers before the first
-        binary weight, the same for every sample of the binary weights."""
-        return F.max_pool2d(F.hardtanh(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
-
-    def body(self, x):
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # the authors' AvgPool2d(7) at 224x224
-        return self.fc(self.bn2(x))
-
-    def forward(self, x):
-        return self.body(self.stem(x))
 
 
 def birealnet18(num_classes=1000, width=64):

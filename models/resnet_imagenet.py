@@ -74,26 +74,25 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNet18ImageNet(nn.Module):
-    """``width`` is the stem's channel count (64 in the paper); the stages have
-    width x 1, 2, 4, 8 channels."""
+class ImageNetResNet(nn.Module):
+    """The frame the authors' two ImageNet ResNet18s share: a 7x7/2 stem conv ->
+    BatchNorm -> ``stem_activation`` -> 3x3/2 max-pool, four stages of ``block``, and
+    the head BatchNorm1d ``bn2`` -> ``fc``. ``width`` is the stem's channel count (64 in
+    the paper); the stages have width x 1, 2, 4, 8 channels."""
+    stem_activation = staticmethod(F.relu)
 
-    def __init__(self, num_classes=1000, width=64):
+    def __init__(self, block, num_classes, width):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        features = add_stages(self, BasicBlock, width)
+        features = add_stages(self, block, width)
         self.bn2 = nn.BatchNorm1d(features)
         self.fc = nn.Linear(features, num_classes)
-        self.bn3 = nn.BatchNorm1d(num_classes)  # unused, as in the authors' network
-        for conv in real_convs(self):
-            k = conv.kernel_size[0] * conv.kernel_size[1]
-            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k * conv.out_channels)))
 
     def stem(self, x):
-        """conv -> BatchNorm -> ReLU -> max-pool: the layers before the first binary
-        weight, the same for every sample of the binary weights."""
-        return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        """The layers before the first binary weight, the same for every sample of the
+        binary weights."""
+        return F.max_pool2d(self.stem_activation(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
 
     def body(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -102,6 +101,17 @@ class ResNet18ImageNet(nn.Module):
 
     def forward(self, x):
         return self.body(self.stem(x))
+
+
+class ResNet18ImageNet(ImageNetResNet):
+    """ReLU after the stem, post-activation blocks with real inputs."""
+
+    def __init__(self, num_classes=1000, width=64):
+        super().__init__(BasicBlock, num_classes, width)
+        self.bn3 = nn.BatchNorm1d(num_classes)  # unused, as in the authors' network
+        for conv in real_convs(self):
+            k = conv.kernel_size[0] * conv.kernel_size[1]
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (k * conv.out_channels)))
 
 
 def resnet18_imagenet(num_classes=1000, width=64):
