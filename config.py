@@ -152,7 +152,7 @@ def _check(f, value):
             raise ValueError(f"{f.name} must be {parsed!r}, got {value!r}")
 
 
-# The authors' configurations, by the names their runs carry (EXTENDED.md section 0).
+# The authors' configurations, by the names their runs carry (docs/recipes.md).
 _1W1A = dict(dataset="cifar10", K=4, lr=0.5, wd=1e-5, epochs=600)
 _IMAGENET = dict(dataset="imagenet", scale_lr=True, loader="torchvision", eval_batch_size=256, workers=8)
 IMAGENET_RANKS = 4  # the authors' ImageNet runs: torchrun --nproc_per_node 4
@@ -164,7 +164,7 @@ RECIPES = {
     "vgg_small_1w1a_cifar10": Config(model="vgg_small", **_1W1A),
     "resnet18_1w1a_cifar10": Config(model="resnet18_1w1a", **_1W1A),
     "resnet18_1w32a_tiny-imagenet": Config(model="resnet18", dataset="tiny-imagenet"),
-    # ImageNet (EXTENDED.md C4-C7): IMAGENET_RANKS GPUs of 256 images, the lr scaled by 256 x 4 / 256.
+    # ImageNet (docs/recipes.md): IMAGENET_RANKS GPUs of 256 images, the lr scaled by 256 x 4 / 256.
     "alexnet_1w1a_imagenet": Config(model="alexnet_1w1a", K=2, lr=0.5, wd=1e-5, epochs=100, **_IMAGENET),
     "alexnet_1w32a_imagenet": Config(model="alexnet_1w32a", K=4, lr=0.1, wd=5e-5, epochs=100, **_IMAGENET),
     "birealnet18_1w1a_imagenet": Config(model="birealnet18", K=2, lr=0.5, wd=1e-5, epochs=200, **_IMAGENET),

@@ -15,7 +15,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CHECKPOINT=${1:-$HERE/pretrained/vgg16_1w32A_model_best.pth.tar}
 # ---- each setting can be overridden by an environment variable of the same name
 L=${L:-40}                         # samples per test image
-DATA_ROOT=${DATA_ROOT:-./datasets}
+DATA_ROOT=${DATA_ROOT:-}           # default: where the run was trained (a checkpoint of ours), else ./datasets
 GPU=${GPU:-}                       # a CUDA device index or "cpu" (default: GPU 0 if there is one)
 
 if [[ ! -f $CHECKPOINT ]]; then
@@ -23,4 +23,4 @@ if [[ ! -f $CHECKPOINT ]]; then
     exit 1
 fi
 exec python3 "$HERE/main.py" --evaluate "$CHECKPOINT" --model vgg16 --dataset cifar100 \
-    -L "$L" --data_root "$DATA_ROOT" ${GPU:+--gpus "$GPU"}
+    -L "$L" ${DATA_ROOT:+--data_root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}

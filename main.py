@@ -1,6 +1,6 @@
 """Train a binary network with VISPA, evaluate one, or export one.
 
-    python main.py --demo                              # twenty seconds, generated data, CPU
+    python main.py --demo                              # about a minute, generated data, CPU
     python main.py --model resnet18 --dataset cifar100 --save my_run
     python main.py --recipe vgg16_1w32a_cifar10 --seed 2020 --save my_vgg
     torchrun --nproc_per_node 4 main.py --recipe resnet18_1w32a_tiny-imagenet --save t
@@ -33,9 +33,9 @@ import engine
 from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
 from data import DATASETS, DatasetError
 from models import is_binary, packed, released
-from training import (DEFAULT_DATA_ROOT, UsageError, build, conflicts, data_folder, dataset_moved, load_ours,
-                      progress, require, saved_config, test_batches, train)
-from utils import checkpoint, distributed
+from training import (UsageError, build, conflicts, data_folder, dataset_moved,
+                      evaluation_draws, load_ours, progress, require, saved_config, test_batches, train)
+from utils import checkpoint, distributed, threads
 from utils.checkpoint import CheckpointError
 from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped
 
@@ -64,7 +64,7 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     a("--data_root", default=None,
       help=f"folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
            f"train/ and val/) "
-           f"(default: {DEFAULT_DATA_ROOT}; with --resume or --evaluate of a checkpoint of ours, the "
+           f"(default: ./datasets, for ImageNet ./datasets/imagenet; with --resume or --evaluate of a checkpoint of ours, the "
            f"folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
@@ -88,9 +88,20 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
       help="with --resume FILE --save NAME: start the new run NAME from the state in FILE, with its "
            "settings except those given; nothing outside NAME's own files is written")
     a("--overwrite", action="store_true", help="start over in a --save folder that already holds a run")
+    a("--threads", type=positive_int, default=None,
+      help="CPU threads of this process (default: OMP_NUM_THREADS if set, else the cores it may use, shared "
+           "among torchrun's ranks on the machine; a resumed run keeps the count it started with). Results "
+           "on the CPU depend on the thread count; the log states it")
     a("--demo", action="store_true",
-      help="a twenty-second run of the whole pipeline on a small generated dataset, on the CPU")
+      help="a run of the whole pipeline on a small generated dataset, on the CPU with one thread "
+           "(about a minute; its result does not depend on the machine's cores)")
     return p
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv):
@@ -125,15 +136,16 @@ def check_combinations(args, typed):
         raise UsageError("--fork needs --save NAME, the name of the new run")
 
 
-DEMO = Config(model="resnet18", dataset="cifar10", width=8, epochs=6, batch_size=64,
+DEMO = Config(model="resnet18", dataset="cifar10", width=12, epochs=6, batch_size=64,
               eval_batch_size=500, lr=0.1, warmup_epochs=1, K=4, L=4, seed=0)
 
 
 def demo(args):
-    """A small setting that trains in twenty seconds on a CPU, on a generated dataset
-    in the CIFAR-10 format (written once into the results folder)."""
+    """A small setting that trains in about a minute on one CPU thread, on a generated
+    dataset in the CIFAR-10 format (written once into the results folder)."""
     from data.synthetic import write_structured_cifar
     args.gpus, args.save, args.overwrite = "cpu", "demo", True
+    args.threads = args.threads or 1  # the same result on every machine, and no waiting for busy cores
     args.data_root = os.path.join(args.results_dir, "demo_data")
     if not os.path.isdir(os.path.join(args.data_root, "cifar-10-batches-py")):
         write_structured_cifar(args.data_root, "cifar10", num_train=2000, num_test=500, seed=0)
@@ -179,7 +191,7 @@ def load_released(model, opt, found):
 def load_network(path, cfg, typed, device):
     """The network and its distribution in a file of ours or of the authors' (any of
     their layouts): (model, VISPA, the config it was trained with, where it comes from,
-    a note for the reader, the data folder it was trained on if the file says)."""
+    a note for the reader, the data folder it was trained on if the file says, its epoch)."""
     ckpt = checkpoint.load(path)
     note = ""
     if ckpt.get("format") == checkpoint.FORMAT:
@@ -193,7 +205,7 @@ def load_network(path, cfg, typed, device):
         load_ours(model, opt, ckpt, path)
         source = f"epoch {ckpt['epoch']} of run {ckpt.get('run', ckpt['config'].get('save'))}"
         asked = {key: getattr(cfg, key) for key in ("L", "bf16", "loader", "workers") if key in typed or key == "L"}
-        return model, opt, replace(saved, **asked), source, note, ckpt.get("data_root")
+        return model, opt, replace(saved, **asked), source, note, ckpt.get("data_root"), ckpt["epoch"]
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
                               f"(no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
@@ -217,7 +229,7 @@ def load_network(path, cfg, typed, device):
     if K == 0:
         note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
                 "every one of the L samples is sign(M) and both results are the same network's.\n")
-    return model, opt, cfg, source, note, None
+    return model, opt, cfg, source, note, None, 0
 
 
 def evaluate_file(args, cfg, typed, device, world):
@@ -225,12 +237,13 @@ def evaluate_file(args, cfg, typed, device, world):
     results of an exported network. With torchrun the ranks share the test set."""
     if packed_file(args.evaluate):
         return evaluate_packed(args, cfg, typed, device, world)
-    model, opt, cfg, source, note, trained_on = load_network(args.evaluate, cfg, typed, device)
+    model, opt, cfg, source, note, trained_on, epoch = load_network(args.evaluate, cfg, typed, device)
     try:
-        test = test_batches(cfg, data_folder(args, trained_on), device, world)
+        test = test_batches(cfg, data_folder(args, cfg.dataset, trained_on), device, world)
     except DatasetError as error:
         raise dataset_moved(error, args, trained_on) from None
     total = lambda sums: distributed.sum_(sums, world)
+    evaluation_draws(opt, cfg, epoch, world.rank)
     val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
     mean = engine.evaluate_mean(model, opt, test, cfg.bf16, total)
     if world.main:
@@ -264,7 +277,7 @@ def export_file(args, cfg, typed, device):
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"cannot write {args.out}: the folder {folder} does not exist")
-    model, opt, cfg, source, _, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
+    model, opt, cfg, source, _, _, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
     means = {name: opt.state[p]["M"] for name, p in model.named_parameters() if is_binary(p)}
     dataset = DATASETS[cfg.dataset]
     exported = packed.pack(model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
@@ -289,7 +302,7 @@ def evaluate_packed(args, cfg, typed, device, world):
     if "dataset" in typed and cfg.dataset != content["dataset"]:
         raise CheckpointError(f"{args.evaluate} is a network for {content['dataset']}, not --dataset {cfg.dataset}")
     cfg = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
-    result = engine.evaluate_deterministic(model, test_batches(cfg, data_folder(args), device, world), False,
+    result = engine.evaluate_deterministic(model, test_batches(cfg, data_folder(args, cfg.dataset), device, world), False,
                                            lambda sums: distributed.sum_(sums, world))
     if world.main:
         print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "
@@ -308,6 +321,7 @@ def main(argv=None):
         if args.demo:
             cfg = demo(args)
         device = select_device(args.gpus, world)
+        threads.use(threads.choose(args.threads))
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True

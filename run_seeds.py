@@ -208,7 +208,8 @@ def table(runs, template):
 
 
 def failure_report(run):
-    lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), log {run.files.log}; "
+    log = f"log {run.files.log}" if os.path.exists(run.files.log) else "it wrote no log"
+    lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), {log}; "
              f"the last lines of its output ({run.files.console}):"]
     try:
         lines += ["    " + line for line in read_tail(run.files.console)[-SHOWN_LINES:]]

@@ -21,19 +21,18 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm import tqdm
 
 import engine
 from config import IMAGENET_RANKS, Config
 from data import DATASETS, DatasetError
 from models import build_model
 from optim import VISPA, learning_rate
-from utils import checkpoint, distributed, seeds
+from utils import checkpoint, distributed, seeds, threads
 from utils.checkpoint import CheckpointError
 from utils.run_dir import EXIT_DIVERGED, EXIT_OK, RunDir, RunInUse, epoch_line, exit_stopped, run_dir_of
+from utils.progress import progress
 from utils.runlog import RunLog, best_line
 
-DEFAULT_DATA_ROOT = "./datasets"
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop (one all-reduce each)
 
 
@@ -47,16 +46,22 @@ def memory_format(device):
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def build(cfg, device, rank=0):
+def build(cfg, device):
     """The network and its optimizer for a run config. The optimizer's own generator
-    draws the evaluation's samples (each rank its own); training draws come from the
-    generators of engine.Ranks."""
+    draws the evaluation's samples (``evaluation_draws`` seeds it); training draws come
+    from the generators of engine.Ranks."""
     model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
     model = model.to(device, memory_format=memory_format(device))
     opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
-                S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection,
-                seed=seeds.derived_seed(cfg.seed if cfg.seed is not None else 0, "evaluation draws", rank))
+                S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection, seed=0)
     return model, opt
+
+
+def evaluation_draws(opt, cfg, epoch, rank):
+    """Seed the draws of the L-sample evaluation after ``epoch`` on ``rank`` from the run's
+    seed: ``--evaluate`` of that epoch's checkpoint draws the same networks, and so gives
+    the number the log gives (with the run's test batch size, ranks and device type)."""
+    opt.generator.manual_seed(seeds.derived_seed(cfg.seed or 0, "evaluation draws", epoch, rank))
 
 
 def loader(cfg, images, labels, train, device, shards=(0,), world=1):
@@ -267,6 +272,11 @@ def check_continuation(args, resumed, path, run):
     if os.path.abspath(path) == os.path.abspath(run.checkpoint) or args.rewind:
         return
     latest = checkpoint_epoch(run.checkpoint)
+    if latest == resumed["epoch"]:
+        lacks = ("; it holds no momenta (model_best.pth.tar keeps the network and its distribution only), so "
+                 "the run could not go on from it exactly" if not has_momenta(resumed["optimizer"]) else "")
+        raise CheckpointError(f"{path} is at the run's latest epoch ({latest}) but is not its checkpoint{lacks}: "
+                              f"resume with --resume {run.folder}, which goes on exactly from {run.checkpoint}")
     later = f"its checkpoint.pth.tar is at epoch {latest}" if latest is not None else "it has no checkpoint.pth.tar"
     raise CheckpointError(f"{path} is not the latest checkpoint of the run {run.name!r} (it is at epoch "
                           f"{resumed['epoch']}; {later}): resuming from it would discard what came after. "
@@ -373,7 +383,8 @@ def open_log(run, cfg, resumed, path, device, steps, world):
             log.write("Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
             ranks = f"{world.size} ranks x {cfg.virtual_ranks} virtual" if world.several else \
                 f"{cfg.virtual_ranks} virtual ranks" if cfg.virtual_ranks > 1 else "one rank"
-            log.write(f"Device: {device}; {ranks}; {steps} training steps per epoch")
+            on = f"{device} ({threads.describe(torch.get_num_threads())})" if device.type == "cpu" else device
+            log.write(f"Device: {on}; {ranks}; {steps} training steps per epoch")
             if cfg.scale_lr:
                 log.write(scaled_lr_note(cfg, world))
             return log, progress
@@ -386,6 +397,8 @@ def open_log(run, cfg, resumed, path, device, steps, world):
                f"Rewound to epoch {resumed['epoch']}/{cfg.epochs} from {path}")
     if resumed["epoch"] > 0 and not has_momenta(resumed["optimizer"]):
         how += " (it holds no momenta: they start again from zero)"
+    if device.type == "cpu":
+        how += f"; {threads.describe(torch.get_num_threads())}"
     log.set_best(progress.best_prec1, progress.best_epoch)
     log.write(how)
     return log, progress
@@ -452,14 +465,11 @@ class StopRequest:
             yield batch
 
 
-def progress(batches, description):
-    return tqdm(batches, desc=description, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
-
-
-def data_folder(args, trained_on=None):
+def data_folder(args, dataset, trained_on=None):
     """Where the dataset is read from: ``--data_root``, else the folder the resumed or
-    evaluated run was trained on (its checkpoints remember it), else ./datasets."""
-    return args.data_root or trained_on or DEFAULT_DATA_ROOT
+    evaluated run was trained on (its checkpoints remember it), else the dataset's
+    default folder (./datasets; ImageNet: ./datasets/imagenet)."""
+    return args.data_root or trained_on or DATASETS[dataset].default_root
 
 
 def dataset_moved(error, args, trained_on):
@@ -471,13 +481,13 @@ def dataset_moved(error, args, trained_on):
                         f"the dataset from elsewhere)")
 
 
-def resume_command(args, run, world, data_root):
+def resume_command(args, run, world, data_root, dataset):
     """The command line that continues this run (with the data and device it used)."""
     words = ["python", "main.py"]
     if world.several:
         words = ["torchrun", "--nproc_per_node", str(world.size), "main.py"]
     words += ["--resume", run.folder]
-    if os.path.normpath(data_root) != os.path.normpath(DEFAULT_DATA_ROOT):
+    if os.path.normpath(data_root) != os.path.normpath(DATASETS[dataset].default_root):
         words += ["--data_root", data_root]
     if args.gpus is not None:
         words += ["--gpus", args.gpus]
@@ -494,16 +504,19 @@ def train(args, cfg, typed, device, world=distributed.World()):
                   f"{best_line(resumed['best_prec1'], resumed['best_epoch'], cfg.epochs)}")
         return EXIT_OK
 
+    if resumed is not None and args.threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads.use(resumed.get("threads", torch.get_num_threads()))  # the sums of the run so far, in their order
+
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
     trained_on = None if resumed is None else resumed.get("data_root")
-    data_root = data_folder(args, trained_on)
+    data_root = data_folder(args, cfg.dataset, trained_on)
     try:
         train_batches, test_batches = batches(cfg, data_root, device, world, shards)
     except DatasetError as error:
         raise dataset_moved(error, args, trained_on) from None
-    model, opt = build(cfg, device, world.rank)
+    model, opt = build(cfg, device)
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=lambda grads: distributed.average_(grads, world) if world.several else None,
                          total=lambda sums: distributed.sum_(sums, world))
@@ -515,7 +528,7 @@ def train(args, cfg, typed, device, world=distributed.World()):
     take_the_folder(args, run, resumed, world, device)
 
     if resumed is not None:
-        restore_rank(resumed["ranks"][world.rank], train_batches, ranks, opt, device)
+        restore_rank(resumed["ranks"][world.rank], train_batches, ranks, device)
     start = 0 if resumed is None else resumed["epoch"]
     log, progress_ = open_log(run, cfg, resumed, path, device, steps, world)
     if world.main:
@@ -525,13 +538,13 @@ def train(args, cfg, typed, device, world=distributed.World()):
         """The checkpoints of the moment, made on every rank (their random states are
         gathered), written by rank 0: everything the run needs to go on, and model_best
         (the distribution without its momenta)."""
-        rank_states = distributed.gather(rank_state(train_batches, ranks, opt, device), world)
+        rank_states = distributed.gather(rank_state(train_batches, ranks, device), world)
         optimizer = opt.state_dict()
         state = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "config": cfg.to_dict(),
                  "run": run.name, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer,
                  "best_prec1": progress_.best_prec1, "best_epoch": progress_.best_epoch,
                  "history": progress_.history, "ranks": rank_states, "log_offset": log.offset,
-                 "data_root": os.path.abspath(data_root)}
+                 "data_root": os.path.abspath(data_root), "threads": torch.get_num_threads()}
         return state, dict(state, optimizer=without_momenta(optimizer))
 
     fresh = resumed is None or os.path.abspath(path) != run.checkpoint  # new, forked or rewound
@@ -553,13 +566,14 @@ def train(args, cfg, typed, device, world=distributed.World()):
             trained = engine.train_one_epoch(model, opt, stop.watch(train_batches, "train"), lr_at,
                                              (epoch - 1) * steps, cfg.bf16, ranks)
             distributed.broadcast_(list(model.buffers()), world)  # rank 0's running statistics
+            evaluation_draws(opt, cfg, epoch, world.rank)
             val = engine.evaluate(model, opt, stop.watch(test_batches, f"eval L={cfg.L}", collective=False),
                                   cfg.L, cfg.bf16, ranks.total)
             if stop.agree():
                 saver.wait()
                 log.write(f"Stopped by {signal.Signals(stop.agreed).name} during epoch {epoch}/{cfg.epochs}; "
                           f"the checkpoint of epoch {epoch - 1} is {run.checkpoint}. Resume with: "
-                          f"{resume_command(args, run, world, data_root)}")
+                          f"{resume_command(args, run, world, data_root, cfg.dataset)}")
                 return exit_stopped(stop.agreed)
             mean = engine.evaluate_mean(model, opt, test_batches, cfg.bf16, ranks.total)
             saver.wait()  # the last epoch's checkpoint is on disk (or its failure raised) before this one is logged
@@ -595,22 +609,20 @@ def train(args, cfg, typed, device, world=distributed.World()):
             log.close()
 
 
-def rank_state(train_batches, ranks, opt, device):
+def rank_state(train_batches, ranks, device):
     """What one rank draws from: its global generators, its shards' augmentation and
-    order, its training draws, its evaluation draws."""
+    order, its training draws (the evaluation's draws are seeded by the epoch)."""
     data = train_batches.state_dict() if hasattr(train_batches, "state_dict") else None  # else: the rng, or none
     return {"rng": checkpoint.rng_states(device), "data": data,
-            "draws": [g.get_state() for g in ranks.generators],
-            "evaluation draws": opt.generator.get_state()}
+            "draws": [g.get_state() for g in ranks.generators]}
 
 
-def restore_rank(state, train_batches, ranks, opt, device):
+def restore_rank(state, train_batches, ranks, device):
     checkpoint.set_rng_states(state["rng"], device)
     if state["data"] is not None:
         train_batches.load_state_dict(state["data"])
     for generator, saved in zip(ranks.generators, state["draws"]):
         generator.set_state(saved.cpu())
-    opt.generator.set_state(state["evaluation draws"].cpu())
 
 
 def diverged_because(trained, val, model, opt):

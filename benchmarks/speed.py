@@ -32,7 +32,7 @@ from config import RECIPES, Config  # noqa: E402
 from data import DATASETS  # noqa: E402
 from models import build_model  # noqa: E402
 from optim import VISPA, learning_rate  # noqa: E402
-from utils import checkpoint  # noqa: E402
+from utils import checkpoint, threads  # noqa: E402
 
 FULL_TRAIN, FULL_TEST = 50_000, 10_000
 CIFAR = [name for name, cfg in RECIPES.items() if cfg.dataset.startswith("cifar")]
@@ -258,6 +258,7 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads.use(threads.choose())
     for key, (gpu, cpu) in SIZES.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu if device.type == "cuda" else cpu)
@@ -277,9 +278,12 @@ def main(argv=None):
         return concurrent(args, device)
     for recipe in args.recipes:
         rounds = {mode: [] for mode in MODES}
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for mode in MODES:
+                began = time.monotonic()
                 rounds[mode].append(measure(mode, recipe, data, args, device))
+                print(f"  measured {recipe} {MODES[mode]}, round {r + 1}/{args.repeats}: "
+                      f"{time.monotonic() - began:.0f} s", flush=True)
         table(recipe, {mode: best(found) for mode, found in rounds.items()}, args)
 
 

@@ -36,6 +36,7 @@ class Dataset:
     # (root, batch_size, workers, device, rank, world, backend, dali_device, seed,
     #  memory_format, eval_batch_size) -> (training batches, test batches, steps per epoch)
     folder_loaders: Callable = None
+    default_root: str = "./datasets"  # where main.py reads it without --data_root (download_data.sh puts it there)
 
     def read(self, root: str, split: str):
         """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
@@ -79,5 +80,6 @@ DATASETS = {
     # The authors' ImageNet: read from its JPEG folders (data/imagenet.py), with the
     # augmentation of their DALI pipelines, by torchvision workers or by DALI.
     "imagenet": Dataset("imagenet", 1000, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        read_split=None, augment=None, reference_augment=None, folder_loaders=imagenet_loaders),
+                        read_split=None, augment=None, reference_augment=None, folder_loaders=imagenet_loaders,
+                        default_root="./datasets/imagenet"),
 }

@@ -176,7 +176,10 @@ class DeviceLoader:
 
     def shard_size(self):
         n = len(self.labels)
-        return -(-n // self.world) if self.train else len(self._slice(self.shards[0]))
+        if self.train:
+            return -(-n // self.world)
+        part = self._slice(self.shards[0])
+        return part.stop - part.start
 
     def steps(self) -> int:
         """Batches per shard in an epoch."""

@@ -13,7 +13,7 @@ sorted order, as ``ImageFolder`` and DALI's file reader number them. ImageNet ne
 account at image-net.org: no script can download it. The validation archive unpacks to
 50,000 JPEGs in one folder; they must be moved into their class folders first.
 
-The recipe (EXTENDED.md §3.3), on each of ``world`` ranks with ``batch_size`` images:
+The recipe (docs/data.md), on each of ``world`` ranks with ``batch_size`` images:
 - training: a random crop of area [0.1, 1] of the image and aspect ratio (width/height)
   in [0.8, 1.25], 100 attempts and then a fallback (``crop_window``), resized to 224x224
   with a triangular filter (linear interpolation, antialiased when shrinking), flipped
@@ -409,7 +409,7 @@ def _dali():
 
 
 def dali_pipeline(samples, train, batch_size, threads, rank, world, decoder, device_id, seed):
-    """The authors' DALI pipeline for one split on one rank (EXTENDED.md §3.3), reading
+    """The authors' DALI pipeline for one split on one rank (docs/data.md), reading
     ``samples`` (the same list as the torchvision path). ``decoder``: "gpu" decodes with
     DALI's "mixed" decoder and resizes on the GPU; "cpu" decodes and resizes on the CPU,
     then moves the images to GPU ``device_id`` for the last step, or, with ``device_id``

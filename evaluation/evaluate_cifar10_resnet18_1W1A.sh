@@ -15,8 +15,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CHECKPOINT=${1:-$HERE/../results/resnet18_1w1a_cifar10_seed=2020_benchmark_K=4_S=100_L=40_wd=1e-5_lr=0.5_cos_epochs=600/model_best.pth.tar}
 # ---- each setting can be overridden by an environment variable of the same name
 L=${L:-40}                         # samples per test image
-DATA_ROOT=${DATA_ROOT:-./datasets}
+DATA_ROOT=${DATA_ROOT:-}           # default: where the run was trained (a checkpoint of ours), else ./datasets
 GPU=${GPU:-}                       # a CUDA device index or "cpu" (default: GPU 0 if there is one)
 
 exec python3 "$HERE/../main.py" --evaluate "$CHECKPOINT" --model resnet18_1w1a --dataset cifar10 \
-    -L "$L" --data_root "$DATA_ROOT" ${GPU:+--gpus "$GPU"}
+    -L "$L" ${DATA_ROOT:+--data_root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}

@@ -16,13 +16,13 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CHECKPOINT=${1:-$HERE/../results/alexnet_1w32a_imagenet_seed=2020_benchmark_K=4_S=100_L=40_wd=5e-5_lr=0.1_cos_epochs=100/model_best.pth.tar}
 # ---- each setting can be overridden by an environment variable of the same name
 L=${L:-40}                         # samples per test image
-DATA_ROOT=${DATA_ROOT:-./datasets/imagenet}
+DATA_ROOT=${DATA_ROOT:-}           # default: where the run was trained (a checkpoint of ours), else ./datasets/imagenet
 GPU=${GPU:-}                       # one process: a CUDA device index or "cpu" (default: GPU 0)
 NPROC=${NPROC:-1}                  # processes (GPUs) under torchrun
 LOADER=${LOADER:-torchvision}      # torchvision, dali-gpu or dali-cpu
 
-ARGS=(--evaluate "$CHECKPOINT" --model alexnet_1w32a --dataset imagenet -L "$L" --data_root "$DATA_ROOT"
-      --loader "$LOADER" --eval-batch-size 256)
+ARGS=(--evaluate "$CHECKPOINT" --model alexnet_1w32a --dataset imagenet -L "$L"
+      --loader "$LOADER" --eval-batch-size 256 ${DATA_ROOT:+--data_root "$DATA_ROOT"})
 if (( NPROC > 1 )); then
     exec python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$HERE/../main.py" "${ARGS[@]}" \
         ${GPU:+--gpus "$GPU"}

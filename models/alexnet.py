@@ -1,4 +1,4 @@
-"""The authors' binary AlexNets for ImageNet: 1W1A (EXTENDED.md C4) and 1W32A (C5).
+"""The authors' binary AlexNets for ImageNet: 1W1A and 1W32A (docs/networks.md, AlexNet).
 
 Both keep the first layer (``features.0``, an 11x11/4 conv with bias) and the last
 (the ``Linear`` at the end of ``classifier``) in full precision; the four convs
@@ -71,10 +71,10 @@ class AlexNet(nn.Module):
 
 
 def alexnet_1w1a(num_classes=1000, width=96):
-    """The authors' ``alexnet_1w1a`` (C4: K = 2 in their recipe)."""
+    """The authors' ``alexnet_1w1a`` (K = 2 in their recipe)."""
     return AlexNet(num_classes, width, binary_activations=True)
 
 
 def alexnet_1w32a(num_classes=1000, width=96):
-    """The authors' ``alexnet_1w32a`` (C5: K = 4 in their recipe)."""
+    """The authors' ``alexnet_1w32a`` (K = 4 in their recipe)."""
     return AlexNet(num_classes, width, binary_activations=False)

@@ -1,5 +1,5 @@
-"""The authors' "BiRealNet" for ImageNet: a fully binary ResNet18 (1W1A, EXTENDED.md
-C6, their ``resnet18_1w1a_recu``).
+"""The authors' "BiRealNet" for ImageNet: a fully binary ResNet18 (1W1A, docs/networks.md,
+"BiRealNet", their ``resnet18_1w1a_recu``).
 
 The ImageNet ResNet18 of ``resnet_imagenet.py`` with Bi-Real blocks: a shortcut
 around **each** binary conv, a Hardtanh after each addition, and binary inputs (the
@@ -61,5 +61,5 @@ class BiRealNet18(ImageNetResNet):
 
 
 def birealnet18(num_classes=1000, width=64):
-    """The authors' ``resnet18_1w1a_recu`` (C6: K = 2 in their recipe)."""
+    """The authors' ``resnet18_1w1a_recu`` (K = 2 in their recipe)."""
     return BiRealNet18(num_classes, width)

@@ -21,7 +21,10 @@ network exactly, with no optimizer.
 """
 import torch
 
-from utils import checkpoint
+try:  # installed as the library, vispa.models beside vispa.utils
+    from ..utils import checkpoint
+except ImportError:  # in the repository: the top-level folders models/ and utils/
+    from utils import checkpoint
 
 from . import build_model
 from .binary import is_binary

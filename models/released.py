@@ -8,7 +8,7 @@ best_prec1, fp_regime}``) hold their network's state_dict saved through
 every other key is the same as ours.
 
 The released files were written by the authors' code of 2024, and three layouts
-exist (EXTENDED.md sections 5.3 and 8):
+exist (docs/released-checkpoints.md):
 
 - today's code: ``Alpha``, ``M``, ``Z`` per binary layer;
 - the code of February to December 2024: also ``<layer>.sample`` (shape (1, K),

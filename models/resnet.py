@@ -130,5 +130,5 @@ def resnet18(num_classes=100, width=64, image_size=32):
 
 
 def resnet18_1w1a(num_classes=10, width=64, image_size=32):
-    """Binary weights and activations (the authors' ``resnet18_1w1a_cifar``, C2)."""
+    """Binary weights and activations (the authors' ``resnet18_1w1a_cifar``; docs/networks.md)."""
     return ResNet18(BasicBlock1W1A, num_classes, width, stem_stride=image_size // 32)

@@ -1,5 +1,5 @@
 """The authors' ImageNet ResNet18 with binary weights and real activations (1W32A,
-EXTENDED.md C7, their ``resnet18_1w32a``).
+docs/networks.md, their ``resnet18_1w32a``).
 
 The ImageNet ResNet, not the CIFAR one of ``resnet.py``: a 7x7/2 stem conv ->
 BatchNorm -> ReLU -> 3x3/2 max-pool, and a 1x1/2 full-precision conv -> BatchNorm
@@ -115,5 +115,5 @@ class ResNet18ImageNet(ImageNetResNet):
 
 
 def resnet18_imagenet(num_classes=1000, width=64):
-    """The authors' ``resnet18_1w32a`` (C7: K = 4 in their recipe)."""
+    """The authors' ``resnet18_1w32a`` (K = 4 in their recipe)."""
     return ResNet18ImageNet(num_classes, width)

@@ -56,5 +56,5 @@ class VGGSmall(nn.Module):
 
 
 def vgg_small(num_classes=10, width=128):
-    """The authors' VGG-Small 1W1A for CIFAR-10 (C1)."""
+    """The authors' VGG-Small 1W1A for CIFAR-10 (docs/networks.md)."""
     return VGGSmall(num_classes, width)

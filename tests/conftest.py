@@ -12,8 +12,8 @@ sys.path.insert(0, REPO)  # the repository's packages, wherever pytest is starte
 from data.synthetic import structured_images, write_cifar, write_structured_cifar  # noqa: E402
 
 # The suite runs in two processes on two cores (pytest -n 2): one thread each, as the
-# runs they start (helpers.ENV).
-torch.set_num_threads(1)
+# runs they start (helpers.ENV), unless OMP_NUM_THREADS says how many.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,10 @@ from utils.run_dir import BEST, CHECKPOINT, RunDir  # noqa: E402,F401
 TINY = ["--gpus", "cpu", "--model", "resnet18", "--width", "4", "-b", "64", "-L", "2", "-K", "2",
         "--warmup_epochs", "1", "--seed", "1", "--dataset", "cifar10"]
 
-# One thread per process: on a small machine shared with other work, a second thread
-# waiting for a busy core makes every step many times slower.
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+# One thread per process (unless OMP_NUM_THREADS says how many): on a small machine shared
+# with other work, a second thread waiting for a busy core makes every step many times slower.
+THREADS = os.environ.get("OMP_NUM_THREADS") or "1"
+ENV = dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, PYTHONDONTWRITEBYTECODE="1")
 
 
 # ---- running main.py and the scripts ----------------------------------------------------------
@@ -238,7 +239,7 @@ def watch(process, run_dir, output, watcher, kill_when=None, fast=False, deadlin
 def key_list(filename, samples=False):
     """[(key, shape, torch dtype)] of a key list in tests/reference/ (every key of one of the
     authors' files, in order); ``samples``: with the unused zero ``<layer>.sample`` (1 x K)
-    after every ``<layer>.Z``, as their code of 2024 wrote them (EXTENDED.md section 5.3)."""
+    after every ``<layer>.Z``, as their code of 2024 wrote them (docs/released-checkpoints.md)."""
     keys = []
     with open(os.path.join(REPO, "tests", "reference", filename)) as f:
         for line in f:

@@ -96,8 +96,8 @@ def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root):
 
 def test_paper_recipe_names_and_failed_runs(tmp_path):
     """The default settings (the paper's recipe on GPUs 0-4): every run fails at once here
-    (no GPU, or no dataset in an empty data root); the script names each run's log, shows
-    why, and exits non-zero."""
+    (no GPU, or no dataset in an empty data root), before it writes a log; the script says
+    so for each run, shows why, and exits non-zero."""
     results, empty = tmp_path / "results", tmp_path / "no-data"
     empty.mkdir()
     result = run_script(SCRIPTS["resnet18"], DATA_ROOT=empty, RESULTS_DIR=results)
@@ -105,9 +105,21 @@ def test_paper_recipe_names_and_failed_runs(tmp_path):
     for seed in (2020, 2024, 1314, 512, 2333):
         log = (f"{results}/resnet18_1w32a_cifar100_seed={seed}_benchmark_K=8_S=100_L=40_wd=5e-4_"
                f"lr=0.1_cos_epochs=500.txt")
-        assert f"FAILED: seed {seed} (exit status 1), log {log};" in result.stdout
+        assert f"FAILED: seed {seed} (exit status 1), it wrote no log;" in result.stdout
+        assert not os.path.exists(log)
     assert result.stdout.count("error: ") == 5  # main.py's message, shown for each run
     assert re.search(r"no such CUDA device|cifar100 not found", result.stdout)
+
+
+def test_a_run_that_fails_after_its_start_is_named_with_its_log(tmp_path, data_root):
+    """A run that diverges in its first epoch (an lr of 1e30) has written its log: the
+    report names it."""
+    results = tmp_path / "results"
+    result = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="4", EPOCHS=1, LR="1e30")
+    assert result.returncode == 1
+    name = tiny_name("resnet18", 4, epochs=1).replace("lr=0.1", f"lr={config.number(1e30)}")
+    assert f"FAILED: seed 4 (exit status 3), log {results}/{name}.txt;" in result.stdout
+    assert "training diverged in epoch 1" in result.stdout
 
 
 def test_seeds_queue_on_one_slot(tmp_path, data_root):
@@ -128,7 +140,8 @@ def test_one_failed_run_is_named(tmp_path, data_root):
     result = benchmark("resnet18", results, data_root, GPUS="cpu 99", SEEDS="8 9", EPOCHS=1)
     assert result.returncode == 1
     failed = tiny_name("resnet18", 9, epochs=1)
-    assert f"FAILED: seed 9 (exit status 1), log {results}/{failed}.txt;" in result.stdout
+    assert f"FAILED: seed 9 (exit status 1), it wrote no log;" in result.stdout
+    assert not os.path.exists(f"{results}/{failed}.txt")
     assert "--gpus 99: no such CUDA device" in result.stdout
     assert "FAILED: seed 8" not in result.stdout
     assert read_log(results, tiny_name('resnet18', 8, epochs=1))[1][2] == 1

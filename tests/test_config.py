@@ -9,7 +9,7 @@ from config import RECIPES, Config, number, run_name, typed_settings
 
 
 def test_the_defaults_are_the_papers_recipe():
-    """VISPA.md's recipe: K=8, S=100, L=40, lr 0.1, 5 warm-up epochs then cosine, momentum
+    """The paper's recipe (docs/recipes.md): K=8, S=100, L=40, lr 0.1, 5 warm-up epochs then cosine, momentum
     0.9, weight decay 5e-4, batch 256, 500 epochs, the full-width networks."""
     c = Config()
     assert (c.K, c.scale, c.L, c.lr, c.warmup_epochs, c.lr_decay, c.momentum, c.wd, c.batch_size,
@@ -25,7 +25,7 @@ def test_the_defaults_are_the_papers_recipe():
 @pytest.mark.parametrize("name, model", [("vgg_small_1w1a_cifar10", "vgg_small"),
                                          ("resnet18_1w1a_cifar10", "resnet18_1w1a")])
 def test_the_1w1a_recipes_are_the_authors(name, model):
-    """EXTENDED.md C1, C2: K=4, S=100, L=40, lr 0.5, weight decay 1e-5, 600 epochs, batch
+    """docs/recipes.md, the 1W1A rows: K=4, S=100, L=40, lr 0.5, weight decay 1e-5, 600 epochs, batch
     256, CIFAR-10, the paper's widths (VGG-Small's first layer is 128 wide)."""
     r = RECIPES[name]
     assert (r.model, r.dataset, r.K, r.scale, r.L, r.lr, r.wd, r.epochs, r.batch_size, r.warmup_epochs,

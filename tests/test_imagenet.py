@@ -2,13 +2,14 @@
 generated JPEG folders by main.py, its evaluation on one process and on two ranks, and
 the authors' ImageNet files (full size) through the evaluate scripts."""
 import math
+import os
 
 import pytest
 import torch
 
 import config
 from data.synthetic import write_image_folders
-from helpers import key_list, run_main, run_results, run_script
+from helpers import assert_clear_error, key_list, run_main, run_results, run_script
 from models import build_model, released
 from optim import VISPA
 from training import peak_lr
@@ -22,7 +23,7 @@ from utils.distributed import World
     ("resnet18_1w32a_imagenet", "resnet18_imagenet", 4, 0.1, 5e-5, 200, 0.4),
 ])
 def test_the_imagenet_recipes_are_the_authors(recipe, model, K, lr, wd, epochs, peak):
-    """EXTENDED.md section 0: 256 images per GPU on 4 GPUs, the lr multiplied by 256 x 4 / 256
+    """docs/recipes.md: 256 images per GPU on 4 GPUs, the lr multiplied by 256 x 4 / 256
     before the optimizer and the schedule see it (the effective peak), S = 100, L = 40."""
     r = config.RECIPES[recipe]
     assert (r.model, r.dataset, r.K, r.lr, r.wd, r.epochs, r.batch_size, r.scale, r.L, r.scale_lr) == \
@@ -110,3 +111,11 @@ def test_the_authors_imagenet_files_evaluate_through_their_scripts(imagenet, tmp
             total += len(labels)
     assert total == 12
     assert result.stdout.strip().endswith(f"mean network Prec@1 {100 * hits / total:.2f}")
+
+
+def test_without_data_root_imagenet_is_read_from_datasets_imagenet(tmp_path):
+    """main.py's default folder for ImageNet is the one the README and the scripts name,
+    ./datasets/imagenet (the other datasets' default is ./datasets)."""
+    run = run_main("--recipe", "resnet18_1w32a_imagenet", "--gpus", "cpu", "--results_dir", tmp_path, "--save", "x")
+    assert_clear_error(run, "ImageNet at ./datasets/imagenet is not usable")
+    assert not os.path.exists(tmp_path / "x")

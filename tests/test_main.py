@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import Config
-from helpers import TINY, epoch_lines, load_checkpoint, metrics_without_seconds, run_main
+from helpers import ENV, TINY, epoch_lines, load_checkpoint, metrics_without_seconds, run_main
 from models import build_model, is_binary
 from utils.run_dir import RunDir
 
@@ -67,17 +67,35 @@ def test_run_folder_holds_config_csv_and_both_checkpoints(finished_run):
     assert torch.equal(ckpt["model"][names[first]], torch.sign(ckpt["optimizer"]["state"][first]["M"]))
 
 
-def test_evaluate_reproduces_the_logged_mean_network_accuracy(finished_run, cifar10_root):
+@pytest.mark.parametrize("file", ["model_best.pth.tar", "checkpoint.pth.tar"])
+def test_evaluate_at_the_logs_L_reproduces_the_logged_epoch(finished_run, file):
+    """The evaluation draws of an epoch come from the run's seed and that epoch: --evaluate
+    of its checkpoint with the log's L draws the same networks, and prints the loss, top-1
+    and top-5 of the log's line, and the mean network's top-1 (reading the data from
+    where the run was trained)."""
     results, _ = finished_run
     rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
-    best_epoch = int(rows[-1]["best_epoch"])
-    logged = rows[best_epoch - 1]
-    out = run_main("--evaluate", results / "tiny" / "model_best.pth.tar", "--gpus", "cpu", "-L", 2,
-                   "--data_root", cifar10_root)
+    epoch = int(rows[-1]["best_epoch"]) if file == "model_best.pth.tar" else len(rows)
+    logged = rows[epoch - 1]
+    out = run_main("--evaluate", results / "tiny" / file, "--gpus", "cpu", "-L", 2)
     assert out.returncode == 0, out.stderr
-    mean = re.search(r"mean network Prec@1 (\S+)", out.stdout).group(1)
-    assert mean == logged["mean_prec1"]
-    assert re.search(r"Test: loss \S+\s+Prec@1 \S+\s+Prec@5 \S+\s+\(L=2\)", out.stdout)
+    test = re.search(r"Test: loss (\S+)\s+Prec@1 (\S+)\s+Prec@5 (\S+)\s+\(L=2\)\s+\|\s+mean network Prec@1 (\S+)",
+                     out.stdout)
+    assert test, out.stdout
+    assert test.groups() == (logged["val_loss"], logged["val_prec1"], logged["val_prec5"], logged["mean_prec1"])
+
+
+def test_piped_output_shows_progress_inside_an_epoch(cifar10_root, tmp_path, monkeypatch):
+    """Where stderr is a file (a cluster job), no progress bar: a plain line of progress
+    every EVERY seconds (here every batch)."""
+    from utils import progress
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    out = tiny_run(cifar10_root, tmp_path, "piped")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert "train: 1/5 batches (20%) in" in lines[0] and "s to go" in lines[0], lines[:3]
+    assert any(line.startswith("eval L=2: 1/1 batches (100%)") for line in lines), lines
+    assert not any("\r" in line for line in lines)
 
 
 def test_same_seed_same_machine_gives_identical_metrics(finished_run, cifar10_root, tmp_path):
@@ -108,12 +126,16 @@ def test_a_recipe_gives_its_settings_and_options_override_them(cifar10_root, tmp
 
 def test_demo_learns_far_above_chance(tmp_path):
     """The advertised first command: the whole pipeline on generated data with real
-    class structure (10 classes, chance = 10%)."""
-    out = run_main("--demo", "--results_dir", tmp_path, timeout=900)
+    class structure (10 classes, chance = 10%), on one CPU thread whatever the machine
+    has (OMP_NUM_THREADS unset), so that its result does not depend on the cores."""
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = run_main("--demo", "--results_dir", tmp_path, timeout=900, env=env)
     assert out.returncode == 0, out.stderr
-    best = BEST.match(open(tmp_path / "demo.txt").read().splitlines()[-1])
+    log = open(tmp_path / "demo.txt").read().splitlines()
+    best = BEST.match(log[-1])
     assert best and float(best.group(1)) >= 60.0, best and best.group(0)
     assert (tmp_path / "demo" / "model_best.pth.tar").exists()
+    assert any(re.match(r"Device: cpu \(1 CPU thread[ )]", line) for line in log), log[:4]
 
 
 def test_help_explains_every_option_with_its_default():

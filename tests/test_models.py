@@ -99,7 +99,7 @@ def test_binary_layer_scales_each_output_channel():
 
 
 def test_aliases_of_the_released_code_name_the_same_networks():
-    """The authors' factory names (EXTENDED.md section 0) name ours."""
+    """The authors' factory names (docs/networks.md, Registry) name ours."""
     assert {a: canonical_name(a) for a in ALIASES} == {
         "resnet18_1w32a_cifar": "resnet18", "vgg16_cifar100_sdp": "vgg16", "vgg16_cifar10_sdp": "vgg16",
         "resnet18_1w1a_cifar": "resnet18_1w1a", "vgg_small_cifar10_sdp": "vgg_small",
@@ -159,7 +159,7 @@ def test_a_1x1_layer_on_features_is_a_linear_layer():
 
 
 def test_the_tiny_imagenet_resnet18_has_a_stride_2_stem():
-    """The authors' network for 64x64 images (EXTENDED.md C3): the stem conv strides by 2,
+    """The authors' network for 64x64 images (docs/networks.md, Tiny-ImageNet ResNet18): the stem conv strides by 2,
     so that layer4 sees 4x4 maps as on CIFAR."""
     model = build_model("resnet18", 200, 8, image_size=64)
     assert model.conv1.stride == (2, 2) and build_model("resnet18", 10, 8).conv1.stride == (1, 1)

@@ -1,4 +1,4 @@
-"""The fully binary (1W1A) CIFAR networks: VGG-Small (EXTENDED.md C1) and ResNet18 (C2).
+"""The fully binary (1W1A) CIFAR networks: VGG-Small and ResNet18 (docs/networks.md).
 
 ResNet18 1W1A is judged by the golden data of the authors' code (test_fidelity.py), and
 both networks' keys by the authors' key lists (test_models.py). Here: VGG-Small's
@@ -57,7 +57,7 @@ def prelu(x, slope):
 
 
 def vgg_small_reference(x, t, draws, training):
-    """VGG-Small 1W1A as EXTENDED.md C1 describes it; ``t`` holds the released keys
+    """VGG-Small 1W1A as docs/networks.md describes it; ``t`` holds the released keys
     (``Alpha``, ``M``, ``Z`` per binary conv) and ``draws[i - 1]`` is conv i's r."""
     x = prelu(batch_norm(F.conv2d(x, t["conv0.weight"], padding=1), t, "bn0", training),
               t["nonlinear0.weight"])

@@ -1,4 +1,4 @@
-"""The authors' four ImageNet networks (EXTENDED.md C4-C7): a one-to-one map onto the
+"""The authors' four ImageNet networks (docs/networks.md): a one-to-one map onto the
 keys of their released files, and their function (forward, and the straight-through
 gradient that reaches M) against a float64 derivation written here, from the spec,
 on the networks' state_dict tensors."""
@@ -107,7 +107,7 @@ def hardtanh(x):
     return x.clamp(-1, 1)
 
 
-# AlexNet's layers by the authors' indices (EXTENDED.md C4, C5): (binary conv, its
+# AlexNet's layers by the authors' indices (docs/networks.md, AlexNet): (binary conv, its
 # BatchNorm, padding, max-pool after it), (binary fc, its BatchNorm), the last fc
 ALEXNET = {
     True: ([("features.3", "features.4", 2, True), ("features.6", "features.7", 1, False),

@@ -58,19 +58,35 @@ def refused(command, *fragments, watched=()):
 def test_resuming_from_model_best_is_refused_and_rewind_goes_back_explicitly(finished, cifar10_root, tmp_path):
     results, run = copy_run(finished, tmp_path)
     best_epoch = load_checkpoint(run.best)["epoch"]
+    if best_epoch == 3:  # make the best epoch an earlier one, as it is in most runs
+        best = load_checkpoint(run.best)
+        checkpoint.save_atomic(dict(best, epoch=2, history=best["history"][:2]), run.best)
+        best_epoch = 2
     line = refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
                    f"is not the latest checkpoint of the run 'three' (it is at epoch {best_epoch}; its "
                    f"checkpoint.pth.tar is at epoch 3)", "Add --rewind to go back to it, or --fork",
                    watched=[results])
     assert line.startswith(f"error: {run.best}")
-    if best_epoch == 3:
-        return  # nothing to go back to
     r = run_main("--resume", run.best, "--rewind", "--data_root", cifar10_root, "--gpus", "cpu")
     assert r.returncode == 0, r.stderr
     log = read_text(run.log)
     assert f"Rewound to epoch {best_epoch}/3 from {run.best} (it holds no momenta: they start again from zero)" in log
     assert [row["epoch"] for row in run.read_metrics()] == [1, 2, 3]
     assert load_checkpoint(run.checkpoint)["epoch"] == 3
+
+
+def test_model_best_at_the_latest_epoch_is_refused_for_what_it_lacks(finished, cifar10_root, tmp_path):
+    """When the best epoch is the last one, model_best.pth.tar discards nothing, but it
+    holds no momenta: the refusal says that, and which command goes on exactly."""
+    results, run = copy_run(finished, tmp_path)
+    latest = load_checkpoint(run.checkpoint)
+    without = {i: {k: v for k, v in entry.items() if "momentum" not in k}
+               for i, entry in latest["optimizer"]["state"].items()}
+    checkpoint.save_atomic(dict(latest, optimizer=dict(latest["optimizer"], state=without)), run.best)
+    refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
+            f"{run.best} is at the run's latest epoch (3) but is not its checkpoint; it holds no momenta",
+            f"resume with --resume {run.folder}, which goes on exactly from {run.checkpoint}",
+            watched=[results])
 
 
 def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar10_root, tmp_path):

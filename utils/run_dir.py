@@ -21,7 +21,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from utils.runlog import parse_best_line
+from .runlog import parse_best_line
 
 CHECKPOINT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
 METRICS, CONFIG, CONSOLE, LOCK = "metrics.csv", "config.json", "console.log", ".lock"

@@ -20,7 +20,7 @@ import re
 import statistics
 import sys
 
-from utils.run_dir import METRICS, RunDir
+from .run_dir import METRICS, RunDir
 
 SEED = re.compile(r"seed=\d+")
 TAIL_BYTES = 16384
