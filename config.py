@@ -13,6 +13,11 @@ from data import DATASETS
 from models import ALIASES, MODELS, canonical_name
 
 
+class UsageError(Exception):
+    """A request that cannot be carried out (options that contradict each other, a device
+    that does not exist); the message says what to do instead."""
+
+
 def _number(kind, low=None, above=None, high=None):
     """An argparse type: a finite ``kind`` >= ``low`` (or > ``above``) and <= ``high``, with a
     message that says so."""
@@ -200,13 +205,20 @@ def from_args(namespace) -> Config:
     return Config(**{f.name: getattr(namespace, f.name) for f in fields(Config)})
 
 
-def typed_settings(argv) -> set:
+def settings_on_command_line(argv) -> set:
     """The settings typed on the command line ``argv``, whatever their value (a default
     typed out counts too: ``--resume run -K 8`` must not quietly resume a K=2 run)."""
     probe = argparse.ArgumentParser(add_help=False)
     add_arguments(probe, None)
-    typed = vars(probe.parse_known_args(argv)[0])
-    return {name for name, value in typed.items() if value is not None}
+    given = vars(probe.parse_known_args(argv)[0])
+    return {name for name, value in given.items() if value is not None}
+
+
+def conflicts(asked: Config, saved: Config, on_command_line, names) -> list:
+    """The settings among ``names`` typed on the command line with another value than the
+    ``saved`` config's, each as ``name=asked (checkpoint: saved)``."""
+    return [f"{name}={getattr(asked, name)} (checkpoint: {getattr(saved, name)})" for name in names
+            if name in on_command_line and getattr(asked, name) != getattr(saved, name)]
 
 
 def number(value) -> str:

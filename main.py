@@ -9,7 +9,8 @@
     python main.py --export results/my_run/model_best.pth.tar --out model.bnn
 
 This file is the command line: the options (made from config.py), then one of
-training (training.py: the epoch loop), --evaluate, --export and --demo. The run's
+training (training.py: the run), --evaluate, --export and --demo (factory.py makes the
+network, its data, and a network read back from a file). The run's
 files are described in ``utils/run_dir.py``: the log is ``results/<save>.txt`` and
 ends with the best accuracy; checkpoints and ``metrics.csv`` are in
 ``results/<save>/``.
@@ -25,19 +26,19 @@ import argparse
 import os
 import signal
 import sys
-from dataclasses import replace
 
 import torch
 
 import engine
-from config import DEFAULT_RECIPE, RECIPES, Config, add_arguments, from_args, typed_settings
-from data import DATASETS, DatasetError
-from models import is_binary, packed, released
-from training import (UsageError, build, conflicts, data_folder, dataset_moved,
-                      evaluation_draws, load_ours, progress, require, saved_config, test_batches, train)
-from utils import checkpoint, distributed, threads
-from utils.checkpoint import CheckpointError
-from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped
+import factory
+from config import DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line
+from data import DatasetError
+from models import packed
+from training import FORK, NEW, RESUME, REWIND, Request, train
+from utils import distributed, threads
+from utils.files import FileError
+from utils.progress import progress
+from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped, valid_run_name
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -105,15 +106,15 @@ def positive_int(text):
 
 
 def parse_args(argv):
-    """(options, the run config they describe, the names of the settings typed out)."""
+    """(options, the run config they describe, the names of the settings typed on the command line)."""
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     chosen = recipe.parse_known_args(argv)[0].recipe
     args = build_parser(RECIPES[chosen or DEFAULT_RECIPE]).parse_args(argv)
-    return args, from_args(args), typed_settings(argv)
+    return args, from_args(args), settings_on_command_line(argv)
 
 
-def check_combinations(args, typed):
+def check_combinations(args):
     """Options that contradict each other are refused before anything is read or written."""
     if args.evaluate is not None and args.resume is not None:
         raise UsageError("--evaluate and --resume exclude each other: evaluate a checkpoint, or resume a run")
@@ -125,15 +126,22 @@ def check_combinations(args, typed):
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it over")
     if args.resume is not None and args.recipe is not None:
         raise UsageError("a resumed run keeps the settings of its checkpoint: leave --recipe out")
-    if args.save is not None and (not args.save.strip(". ") or "/" in args.save or args.save.startswith(".")):
-        raise UsageError(f"--save takes a run name (a folder name in --results_dir, without '/' and not "
-                         f"starting with '.'), got {args.save!r}")
+    if args.save is not None and not valid_run_name(args.save):
+        raise UsageError(f"--save takes a run name (a folder name in --results_dir, printable, without '/' and "
+                         f"not starting with '.'), got {args.save!r}")
     if (args.rewind or args.fork) and not args.resume:
         raise UsageError("--rewind and --fork go with --resume FILE, the checkpoint to start from")
     if args.rewind and args.fork:
         raise UsageError("--rewind and --fork exclude each other: go back in the same run, or start a new one")
     if args.fork and args.save is None:
         raise UsageError("--fork needs --save NAME, the name of the new run")
+
+
+def run_request(args) -> Request:
+    """What the command line asks of a training run, decided once."""
+    mode = FORK if args.fork else REWIND if args.rewind else RESUME if args.resume is not None else NEW
+    return Request(mode, name=args.save, results_dir=args.results_dir, source=args.resume or None,
+                   start_over=args.overwrite, data_root=args.data_root, gpus=args.gpus, threads=args.threads)
 
 
 DEMO = Config(model="resnet18", dataset="cifar10", width=12, epochs=6, batch_size=64,
@@ -175,149 +183,66 @@ def select_device(gpus, world):
     return torch.device("cuda", index)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
+# ---- evaluating and exporting a file ---------------------------------------------------------------
 
-def load_released(model, opt, found):
-    """Fill the network and the distribution from a released state_dict, mapped by
-    ``models.released.from_released``."""
-    model.load_state_dict(found.model_state)
-    params = dict(model.named_parameters())
-    for name, (M, Z) in found.distributions.items():
-        opt.set_distribution(params[name], M, Z)
-
-
-# ---- evaluating a file -------------------------------------------------------------------------
-
-def load_network(path, cfg, typed, device):
-    """The network and its distribution in a file of ours or of the authors' (any of
-    their layouts): (model, VISPA, the config it was trained with, where it comes from,
-    a note for the reader, the data folder it was trained on if the file says, its epoch)."""
-    ckpt = checkpoint.load(path)
-    note = ""
-    if ckpt.get("format") == checkpoint.FORMAT:
-        saved = saved_config(ckpt, path, "evaluated")
-        require(ckpt, path, ("epoch", "model", "optimizer"))
-        different = conflicts(cfg, saved, typed, ("model", "dataset", "width", "K"))
-        if different:
-            raise CheckpointError(f"{path} holds another network than the one asked for: " +
-                                  ", ".join(different))
-        model, opt = build(saved, device)
-        load_ours(model, opt, ckpt, path)
-        source = f"epoch {ckpt['epoch']} of run {ckpt.get('run', ckpt['config'].get('save'))}"
-        asked = {key: getattr(cfg, key) for key in ("L", "bf16", "loader", "workers") if key in typed or key == "L"}
-        return model, opt, replace(saved, **asked), source, note, ckpt.get("data_root"), ckpt["epoch"]
-    if "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
-                              f"(no 'state_dict' key; keys: {sorted(ckpt)[:8]})")
-    try:
-        K = released.rank_of(ckpt["state_dict"])
-    except released.LayoutError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    if "K" in typed and cfg.K != K:
-        raise CheckpointError(f"{path} holds K={K} (the first dimension of its Z), not the -K {cfg.K} "
-                              f"asked for; leave -K out")
-    cfg = replace(cfg, K=K)
-    model, opt = build(cfg, device)
-    try:
-        found = released.from_released(ckpt["state_dict"], model)
-    except released.LayoutError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    load_released(model, opt, found)
-    source = f"released checkpoint, epoch {ckpt.get('epoch')}, best_prec1 {ckpt.get('best_prec1')}"
-    if found.dropped:
-        source += f"; its {len(found.dropped)} unused .sample tensors (zeros) were left out"
-    if K == 0:
-        note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
-                "every one of the L samples is sign(M) and both results are the same network's.\n")
-    return model, opt, cfg, source, note, None, 0
-
-
-def evaluate_file(args, cfg, typed, device, world):
+def evaluate_file(args, cfg, on_command_line, device, world):
     """``--evaluate``: print the L-sample and mean-network results of a checkpoint, or the
     results of an exported network. With torchrun the ranks share the test set."""
-    if packed_file(args.evaluate):
-        return evaluate_packed(args, cfg, typed, device, world)
-    model, opt, cfg, source, note, trained_on, epoch = load_network(args.evaluate, cfg, typed, device)
-    try:
-        test = test_batches(cfg, data_folder(args, cfg.dataset, trained_on), device, world)
-    except DatasetError as error:
-        raise dataset_moved(error, args, trained_on) from None
-    total = lambda sums: distributed.sum_(sums, world)
-    evaluation_draws(opt, cfg, epoch, world.rank)
-    val = engine.evaluate(model, opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
-    mean = engine.evaluate_mean(model, opt, test, cfg.bf16, total)
+    if factory.is_exported(args.evaluate):
+        return evaluate_exported(args, cfg, on_command_line, device, world)
+    loaded = factory.load_network(args.evaluate, cfg, on_command_line, device)
+    cfg = loaded.cfg
+    test = factory.test_batches(cfg, factory.DataFolder.of(args.data_root, cfg.dataset, loaded.trained_on),
+                                device, world)
+    factory.evaluation_draws(loaded.opt, cfg, loaded.epoch, world.rank)
+    total = distributed.summing(world)
+    val = engine.evaluate(loaded.model, loaded.opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
+    mean = engine.evaluate_mean(loaded.model, loaded.opt, test, cfg.bf16, total)
     if world.main:
-        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {source})")
-        print(note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
+        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {loaded.source})")
+        print(loaded.note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
               f"(L={cfg.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
     return EXIT_OK
 
 
-# ---- the exported network --------------------------------------------------------------------
-
-def packed_file(path):
-    """Whether ``path`` is meant as an exported network (by its content, or its name)."""
-    if path.endswith(".bnn"):
-        return True
-    try:
-        return checkpoint_field(path, "format") == checkpoint.PACKED
-    except Exception:
-        return False
-
-
-def checkpoint_field(path, key):
-    """One plain value of a file, read without loading its tensors."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+def evaluate_exported(args, cfg, on_command_line, device, world):
+    """``--evaluate OUT.bnn``: the exported network's loss and accuracy on the test set."""
+    model, cfg, source = factory.load_exported(args.evaluate, cfg, on_command_line, device)
+    test = factory.test_batches(cfg, factory.DataFolder.of(args.data_root, cfg.dataset), device, world)
+    result = engine.evaluate_deterministic(model, test, False, distributed.summing(world))
+    if world.main:
+        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of {source})")
+        print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
+              f"(the mean network sign(M))")
+    return EXIT_OK
 
 
-def export_file(args, cfg, typed, device):
+def export_file(args, cfg, on_command_line):
     """``--export FILE --out OUT``: the mean network sign(M) of a checkpoint, packed."""
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out} exists: choose another --out, or add --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"cannot write {args.out}: the folder {folder} does not exist")
-    model, opt, cfg, source, _, _, _ = load_network(args.export, cfg, typed, torch.device("cpu"))
-    means = {name: opt.state[p]["M"] for name, p in model.named_parameters() if is_binary(p)}
-    dataset = DATASETS[cfg.dataset]
-    exported = packed.pack(model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
-                           dataset.mean, dataset.std, f"{args.export} ({source})")
-    checkpoint.save_atomic(exported, args.out)
+    loaded = factory.load_network(args.export, cfg, on_command_line, torch.device("cpu"))
+    cfg = loaded.cfg
+    packed.save(factory.exported_network(loaded, f"{args.export} ({loaded.source})"), args.out)
     size = os.path.getsize(args.out)
-    full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
-    bits = sum(p.numel() for p in means.values())
-    print(f"Exported the mean network sign(M) of {args.export} ({cfg.model}, {cfg.dataset}; {source}) to "
+    full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+               for t in loaded.model.state_dict().values())
+    bits = sum(p.numel() for p in loaded.model.parameters() if getattr(p, "binary", False))
+    print(f"Exported the mean network sign(M) of {args.export} ({cfg.model}, {cfg.dataset}; {loaded.source}) to "
           f"{args.out}: {size / 1e6:.2f} MB, 1/{full / size:.1f} of its float32 state_dict ({full / 1e6:.1f} MB); "
           f"{bits / 1e6:.2f} M binary weights in {bits / 8e6:.2f} MB of bits")
     return EXIT_OK
 
 
-def evaluate_packed(args, cfg, typed, device, world):
-    """``--evaluate OUT.bnn``: the exported network's loss and accuracy on the test set."""
-    try:
-        content = packed.read_packed(args.evaluate)
-        model = packed.network_of(content, device)
-    except packed.PackedError as error:
-        raise CheckpointError(str(error)) from None
-    if "dataset" in typed and cfg.dataset != content["dataset"]:
-        raise CheckpointError(f"{args.evaluate} is a network for {content['dataset']}, not --dataset {cfg.dataset}")
-    cfg = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
-    result = engine.evaluate_deterministic(model, test_batches(cfg, data_folder(args, cfg.dataset), device, world), False,
-                                           lambda sums: distributed.sum_(sums, world))
-    if world.main:
-        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of "
-              f"{content.get('source')})")
-        print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
-              f"(the mean network sign(M))")
-    return EXIT_OK
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args, cfg, typed = parse_args(argv)
+    args, cfg, on_command_line = parse_args(argv)
     world = distributed.from_environment()
     try:
-        check_combinations(args, typed)
+        check_combinations(args)
         if args.demo:
             cfg = demo(args)
         device = select_device(args.gpus, world)
@@ -326,15 +251,15 @@ def main(argv=None):
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
         if args.export:
-            return export_file(args, cfg, typed, device)
+            return export_file(args, cfg, on_command_line)
         distributed.start(world, device)
         try:
             if args.evaluate:
-                return evaluate_file(args, cfg, typed, device, world)
-            return train(args, cfg, typed, device, world)
+                return evaluate_file(args, cfg, on_command_line, device, world)
+            return train(run_request(args), cfg, on_command_line, device, world)
         finally:
             distributed.finish(world)
-    except (UsageError, DatasetError, CheckpointError, RunInUse) as error:
+    except (UsageError, DatasetError, FileError, RunInUse) as error:
         print(f"error: {error}" + (f" (rank {world.rank})" if world.several else ""), file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # a file the run writes: disk full, permissions, ...

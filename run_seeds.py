@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 
+import checkpoint
 import config
 from utils.run_dir import STOPPED, RunDir, exit_stopped
 from utils.summarize import paper_format, read_tail
@@ -65,25 +66,15 @@ def say(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def saved_progress(path):
-    """(epoch, epochs) recorded in a checkpoint, read without loading its tensors into
-    memory (mmap); None if the file cannot be read (main.py will say why)."""
-    import torch  # here, not above: the rest of this script starts without it
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt["epoch"]), int(ckpt["config"]["epochs"])
-    except Exception:
-        return None
-
-
 def plan(run):
     """Decide between a new run, resuming, and skipping; say which. True if it must run."""
     files = run.files
     if not os.path.isfile(files.checkpoint):
         say(f"seed {run.seed}: new run, log {files.log}")
         return True
-    progress = saved_progress(files.checkpoint)
-    if progress is not None and progress[0] >= progress[1]:
+    fields = checkpoint.peek(files.checkpoint)
+    progress = (fields["epoch"], fields["epochs"]) if fields and fields["epoch"] is not None else None
+    if progress is not None and progress[1] is not None and progress[0] >= progress[1]:
         say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
             f"{files.checkpoint}), skipped")
         return False

@@ -1,59 +1,160 @@
-"""Datasets by name: what each one is (classes, image size, normalisation, training
-augmentation, where its files are) and batches of it on the training device.
+"""Datasets by name. Every dataset answers one call, whatever it is read from:
 
-    spec = DATASETS["cifar100"]
-    images, labels = spec.read(root, "train")
-    loader = spec.loader(images, labels, batch_size=256, train=True, device=device)
+    train, test = DATASETS["cifar100"].loaders(cfg, root, world, device)    # a training run
+    test = DATASETS["imagenet"].test_loader(cfg, root, world, device)       # an evaluation
+
+``cfg`` is the run config (batch sizes, ``loader``, ``workers``, ``seed``,
+``virtual_ranks``), ``world`` the ranks (``utils.distributed.World``). ``train`` yields,
+step by step, one batch per virtual rank of this process; each pass over it is the next
+epoch; ``len(train)`` is its batches per epoch and ``state_dict()`` /
+``load_state_dict()`` hold what a resumed run needs. ``test`` yields this rank's part of
+the test set (every image on exactly one rank). Batches are (float32 normalised images
+in the device's memory format, int64 labels), on ``device``. Both calls raise a
+one-line DatasetError when the data cannot serve the run, before anything is trained.
+
+Two kinds of dataset:
+- ``InMemory`` (CIFAR, Tiny-ImageNet): read whole into one uint8 tensor, held on the
+  training device and augmented there (``device_loader.py``), or served by the authors'
+  torchvision pipeline (``--loader torchvision``);
+- ``ImageFolders`` (ImageNet): read from its JPEG files batch by batch, by torchvision
+  workers or NVIDIA DALI (``imagenet_loaders.py``).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
 import torch
 
 from .cifar import read_cifar
-from .imagenet import imagenet_loaders
 from .device_loader import DeviceLoader, normalize, random_crop_flip, random_resized_crop_flip
 from .errors import DatasetError
+from .imagenet import MEAN as IMAGENET_MEAN
+from .imagenet import STD as IMAGENET_STD
+from .imagenet import check_imagenet
+from .imagenet_loaders import Interleaved, imagenet_batches
 from .tiny_imagenet import read_tiny_imagenet
 from .torchvision_loader import torchvision_loader
 
-# The authors normalise CIFAR with the ImageNet constants.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def memory_format(device) -> torch.memory_format:
+    """The memory format of batches and networks on ``device``: channels_last on CUDA
+    (faster convolutions), the contiguous format on the CPU (where oneDNN's backward pass
+    of a strided 1x1 convolution in channels_last crashes on some CPUs)."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
-@dataclass(frozen=True)
+def _train_shards(cfg, world):
+    """(this process's training shards, all training shards): one per rank, virtual ranks
+    included."""
+    return [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)], world.size * cfg.virtual_ranks
+
+
+@dataclass(frozen=True, kw_only=True)
 class Dataset:
+    """What every dataset is."""
     name: str
     num_classes: int
     image_size: int
     mean: tuple
     std: tuple
+    default_root: str = "./datasets"  # where main.py reads it without --data_root (download_data.sh puts it there)
+
+    def loaders(self, cfg, root, world, device):
+        """(training batches, test batches) of this process: see the module's docstring."""
+        raise NotImplementedError
+
+    def test_loader(self, cfg, root, world, device):
+        """This rank's test batches, for an evaluation."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class InMemory(Dataset):
     read_split: Callable        # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
     augment: Callable           # the training augmentation on the device: (uint8 batch, generator) -> uint8 batch
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
-    # A dataset too large for the device is read from its files, batch by batch, per rank:
-    # (root, batch_size, workers, device, rank, world, backend, dali_device, seed,
-    #  memory_format, eval_batch_size) -> (training batches, test batches, steps per epoch)
-    folder_loaders: Callable = None
-    default_root: str = "./datasets"  # where main.py reads it without --data_root (download_data.sh puts it there)
 
     def read(self, root: str, split: str):
         """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
         val/ folder); DatasetError if missing or unreadable."""
         return self.read_split(root, self.name, split)
 
-    def loader(self, images, labels, batch_size, train, device, memory_format=torch.contiguous_format,
-               shards=(0,), world=1, seed=0):
-        """Batches on ``device`` (see DeviceLoader: the shards of a rank among ``world``),
+    def loaders(self, cfg, root, world, device):
+        train_images, train_labels = self.read(root, "train")
+        test_images, test_labels = self.read(root, "test")
+        if len(train_labels) < 2:
+            raise DatasetError(f"the training set of {self.name} in {root} has {len(train_labels)} "
+                               f"image{'s' if len(train_labels) != 1 else ''}: BatchNorm needs batches of at "
+                               f"least 2 (download the dataset again?)")
+        self._check_test_set(test_labels, root)
+        if cfg.loader == "torchvision" and (world.several or cfg.virtual_ranks > 1):
+            raise DatasetError("--loader torchvision serves one rank: use the device loader with torchrun or "
+                               "--virtual-ranks")
+        shards, count = _train_shards(cfg, world)
+        if cfg.loader == "torchvision":
+            train = self.reference_loader(train_images, train_labels, cfg.batch_size, True, cfg.workers)
+            test = self.reference_loader(test_images, test_labels, cfg.eval_batch_size, False, cfg.workers)
+            return train, test
+        train = self.loader(train_images, train_labels, cfg.batch_size, True, device, shards, count, cfg.seed or 0)
+        return train, self.loader(test_images, test_labels, cfg.eval_batch_size, False, device, [world.rank],
+                                  world.size)
+
+    def test_loader(self, cfg, root, world, device):
+        images, labels = self.read(root, "test")
+        self._check_test_set(labels, root)
+        return self.loader(images, labels, cfg.eval_batch_size, False, device, [world.rank], world.size)
+
+    def _check_test_set(self, labels, root):
+        if len(labels) == 0:
+            raise DatasetError(f"the test set of {self.name} in {root} has no images (download the dataset again?)")
+
+    def loader(self, images, labels, batch_size, train, device, shards=(0,), shard_count=1, seed=0):
+        """Batches on ``device`` (see DeviceLoader: the ``shards`` of ``shard_count``),
         augmented when ``train``."""
         return DeviceLoader(images, labels, batch_size, train, device, self.mean, self.std,
-                            self.augment if train else None, memory_format, shards, world, seed)
+                            self.augment if train else None, memory_format(device), shards, shard_count, seed)
 
     def reference_loader(self, images, labels, batch_size, train, workers):
-        """The same batches from the authors' pipeline (torchvision, PIL, workers)."""
+        """The same batches from the authors' pipeline (torchvision, PIL, workers), on the CPU."""
         return torchvision_loader(images, labels, batch_size, train, workers, self.mean, self.std,
                                   self.reference_augment() if train else [])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageFolders(Dataset):
+    """A dataset read from its class folders of JPEGs, batch by batch (ImageNet)."""
+    check: Callable = field(default=check_imagenet)  # root -> the folders (DatasetError if unusable)
+
+    def loaders(self, cfg, root, world, device):
+        backend, decoder = self._backend(cfg)
+        folders = self.check(root)
+        shards, count = _train_shards(cfg, world)
+        made = [imagenet_batches(folders.train, True, cfg.batch_size, device, shard=s, shards=count,
+                                 workers=cfg.workers, backend=backend, decoder=decoder, seed=cfg.seed or 0,
+                                 memory_format=memory_format(device)) for s in shards]
+        train = made[0] if len(made) == 1 else Interleaved(made)
+        return train, self._test(folders, cfg, world, device, backend, decoder)
+
+    def test_loader(self, cfg, root, world, device):
+        loader = "torchvision" if cfg.loader == "device" else cfg.loader  # an evaluation needs no choice
+        backend, decoder = self._backend(cfg, loader)
+        return self._test(self.check(root), cfg, world, device, backend, decoder)
+
+    def _test(self, folders, cfg, world, device, backend, decoder):
+        return imagenet_batches(folders.val, False, cfg.eval_batch_size, device, shard=world.rank,
+                                shards=world.size, workers=cfg.workers, backend=backend, decoder=decoder,
+                                seed=cfg.seed or 0, memory_format=memory_format(device))
+
+    def _backend(self, cfg, loader=None):
+        """(backend, decoder) of the run's --loader."""
+        loader = loader or cfg.loader
+        if loader == "device":
+            raise DatasetError(f"{self.name} is read from its files, batch by batch: --loader torchvision, "
+                               f"dali-gpu or dali-cpu")
+        if loader.startswith("dali") and cfg.virtual_ranks > 1:
+            raise DatasetError("--virtual-ranks reads every rank's shard with a loader of its own: use --loader "
+                               "torchvision, or torchrun with one GPU per rank")
+        return ("dali", loader[len("dali-"):]) if loader.startswith("dali") else ("torchvision", "cpu")
 
 
 def _cifar_reference_augment():
@@ -66,20 +167,20 @@ def _tiny_imagenet_reference_augment():
     return [T.RandomResizedCrop(64), T.RandomHorizontalFlip()]
 
 
+# The authors normalise CIFAR with the ImageNet constants.
 _cifar = dict(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, read_split=read_cifar,
               augment=partial(random_crop_flip, padding=4), reference_augment=_cifar_reference_augment)
 DATASETS = {
-    "cifar10": Dataset("cifar10", 10, **_cifar),
-    "cifar100": Dataset("cifar100", 100, **_cifar),
+    "cifar10": InMemory(name="cifar10", num_classes=10, **_cifar),
+    "cifar100": InMemory(name="cifar100", num_classes=100, **_cifar),
     # The authors' Tiny-ImageNet pipeline: RandomResizedCrop(64) + flip for training,
     # Resize(64) - the identity on its 64x64 images - for evaluation; its own constants.
-    "tiny-imagenet": Dataset("tiny-imagenet", 200, image_size=64, mean=(0.4802, 0.4481, 0.3975),
-                             std=(0.2770, 0.2691, 0.2821), read_split=read_tiny_imagenet,
-                             augment=partial(random_resized_crop_flip, size=64),
-                             reference_augment=_tiny_imagenet_reference_augment),
-    # The authors' ImageNet: read from its JPEG folders (data/imagenet.py), with the
+    "tiny-imagenet": InMemory(name="tiny-imagenet", num_classes=200, image_size=64, mean=(0.4802, 0.4481, 0.3975),
+                              std=(0.2770, 0.2691, 0.2821), read_split=read_tiny_imagenet,
+                              augment=partial(random_resized_crop_flip, size=64),
+                              reference_augment=_tiny_imagenet_reference_augment),
+    # The authors' ImageNet: read from its JPEG folders (imagenet.py), with the
     # augmentation of their DALI pipelines, by torchvision workers or by DALI.
-    "imagenet": Dataset("imagenet", 1000, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        read_split=None, augment=None, reference_augment=None, folder_loaders=imagenet_loaders,
-                        default_root="./datasets/imagenet"),
+    "imagenet": ImageFolders(name="imagenet", num_classes=1000, image_size=224, mean=IMAGENET_MEAN,
+                             std=IMAGENET_STD, default_root="./datasets/imagenet"),
 }

@@ -143,18 +143,18 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, scale=(0.08, 1.0),
 
 class DeviceLoader:
     """Batches of a dataset held on ``device`` as one uint8 tensor, for one rank (or
-    several: the virtual ranks of one process) of a run on ``world`` ranks.
+    several: the virtual ranks of one process) of a run on ``shard_count`` ranks.
 
     Training: every epoch a new order of the whole set, the same on every rank (drawn
-    from ``seed`` and the epoch number), dealt into ``world`` shards as torch's
-    DistributedSampler deals them (shard g takes every world-th image of the order,
+    from ``seed`` and the epoch number), dealt into ``shard_count`` shards as torch's
+    DistributedSampler deals them (shard g takes every shard_count-th image of the order,
     padded by wrapping around so that the shards are equally long). This loader
     batches the shards ``shards`` and yields, step by step, one batch of each, in the
     order of ``shards``. Each shard's augmentation draws from a generator of its own,
     so a shard gets the same batches whichever process holds it. No batch of a single
     image (BatchNorm cannot train on it: such a last batch is dropped).
 
-    Evaluation: the stored order, no augmentation; with ``world`` > 1, shard g is the
+    Evaluation: the stored order, no augmentation; with ``shard_count`` > 1, shard g is the
     g-th contiguous slice of the set, so that the ranks see every image once.
 
     Batches are float32, normalised with ``mean`` and ``std``, in ``memory_format``.
@@ -162,7 +162,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, train, device, mean, std, augment=None,
-                 memory_format=torch.contiguous_format, shards=(0,), world=1, seed=0):
+                 memory_format=torch.contiguous_format, shards=(0,), shard_count=1, seed=0):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -170,14 +170,14 @@ class DeviceLoader:
         self.mean, self.std = mean, std
         self.augment = augment
         self.memory_format = memory_format
-        self.shards, self.world, self.seed = list(shards), world, seed
+        self.shards, self.shard_count, self.seed = list(shards), shard_count, seed
         self.epoch = 0
         self.generators = [seeds.generator(device, seed, "augment", g) for g in self.shards]
 
     def shard_size(self):
         n = len(self.labels)
         if self.train:
-            return -(-n // self.world)
+            return -(-n // self.shard_count)
         part = self._slice(self.shards[0])
         return part.stop - part.start
 
@@ -196,7 +196,7 @@ class DeviceLoader:
             return
         order = self._order(self.epoch)
         self.epoch += 1
-        dealt = [order[g::self.world] for g in self.shards]
+        dealt = [order[g::self.shard_count] for g in self.shards]
         for i in range(self.steps()):
             for indices, generator in zip(dealt, self.generators):
                 index = indices[i * self.batch_size:(i + 1) * self.batch_size]
@@ -206,15 +206,15 @@ class DeviceLoader:
                 yield self._batch(images), self.labels[index]
 
     def _order(self, epoch):
-        """This epoch's order of the whole set, padded to a multiple of ``world``."""
+        """This epoch's order of the whole set, padded to a multiple of ``shard_count``."""
         n = len(self.labels)
         order = torch.randperm(n, generator=seeds.generator("cpu", self.seed, "order", epoch))
-        order = torch.cat([order, order[:-n % self.world]]) if n % self.world else order
+        order = torch.cat([order, order[:-n % self.shard_count]]) if n % self.shard_count else order
         return order.to(self.images.device)
 
     def _slice(self, shard):
         n = len(self.labels)
-        return slice(shard * n // self.world, (shard + 1) * n // self.world)
+        return slice(shard * n // self.shard_count, (shard + 1) * n // self.shard_count)
 
     def _evaluation_batches(self):
         for shard in self.shards:

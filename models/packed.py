@@ -22,13 +22,14 @@ network exactly, with no optimizer.
 import torch
 
 try:  # installed as the library, vispa.models beside vispa.utils
-    from ..utils import checkpoint
+    from ..utils import files
 except ImportError:  # in the repository: the top-level folders models/ and utils/
-    from utils import checkpoint
+    from utils import files
 
 from . import build_model
 from .binary import is_binary
 
+FORMAT = "vispa-binary-network"
 VERSION = 1
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -60,7 +61,7 @@ def pack(model, means: dict, model_name, width, num_classes, image_size, dataset
     for name, tensor in model.state_dict().items():
         if name not in binary:
             state[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.detach().cpu()
-    return {"format": checkpoint.PACKED, "version": VERSION, "model": model_name, "width": width,
+    return {"format": FORMAT, "version": VERSION, "model": model_name, "width": width,
             "num_classes": num_classes, "image_size": image_size, "dataset": dataset,
             "mean": list(mean), "std": list(std), "source": source,
             "binary": {name: pack_bits(torch.sign(means[name])) for name in sorted(binary)},
@@ -73,23 +74,76 @@ class PackedError(ValueError):
 
 def read_packed(path) -> dict:
     """The content of a packed file, checked: format, version, digest, every part there."""
-    obj = checkpoint.load(path)  # CheckpointError: missing, truncated, damaged, not data
-    if obj.get("format") != checkpoint.PACKED:
-        raise PackedError(f"{path} is not an exported binary network (no format {checkpoint.PACKED!r}); "
+    try:
+        obj = files.load(path, what="exported network")
+    except files.FileError as error:  # missing, truncated, not data
+        raise PackedError(str(error)) from None
+    if obj.get("format") != FORMAT:
+        raise PackedError(f"{path} is not an exported binary network (no format {FORMAT!r}); "
                           f"export one with `python main.py --export CHECKPOINT --out FILE`")
     if obj.get("version") != VERSION:
         raise PackedError(f"{path} is an exported network of format version {obj.get('version')!r}; "
                           f"this version reads version {VERSION}")
+    try:
+        obj = files.verify_digest(obj, path, "an exported network")
+    except files.FileError as error:
+        raise PackedError(str(error)) from None
     missing = [key for key in ("model", "width", "num_classes", "image_size", "dataset", "mean", "std",
                                "binary", "state") if key not in obj]
     if missing:
         raise PackedError(f"{path} is an incomplete exported network: it has no {', '.join(missing)}")
+    problem = _problem(obj)
+    if problem:  # a digest is a checksum, not a schema: a hand-made file can carry a fresh one
+        raise PackedError(f"{path} is not a valid exported network: {problem}")
     return obj
+
+
+def save(content: dict, path: str):
+    """Write ``pack``'s content atomically, with its digest (FileError if it cannot be written)."""
+    files.save_atomic(files.with_digest(content), path)
+
+
+def _problem(obj):
+    """What is wrong with the fields of packed content, or None."""
+    whole = lambda v: type(v) is int and v >= 1  # noqa: E731
+    if not isinstance(obj["model"], str) or not isinstance(obj["dataset"], str):
+        return "its model and dataset are not names"
+    if not (whole(obj["width"]) and whole(obj["num_classes"]) and whole(obj["image_size"])):
+        return (f"width {obj['width']!r}, classes {obj['num_classes']!r} and image size {obj['image_size']!r} "
+                f"must be whole numbers")
+    for key in ("mean", "std"):
+        values = obj[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(type(v) in (int, float) for v in values)):
+            return f"its {key} is not three numbers"
+    if not all(type(v) in (int, float) and v > 0 for v in obj["std"]):
+        return "its std is not positive"
+    if not isinstance(obj["state"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["state"].values()):
+        return "its state is not a dict of tensors"
+    if not isinstance(obj["binary"], dict):
+        return "its binary weights are not a dict"
+    for name, entry in obj["binary"].items():
+        if not (isinstance(entry, dict) and set(entry) == {"shape", "bits", "zeros"}):
+            return f"binary weight {name!r} is not shape, bits and zeros"
+        shape, bits, zeros = entry["shape"], entry["bits"], entry["zeros"]
+        if not (isinstance(shape, list) and shape and all(whole(n) for n in shape)):
+            return f"binary weight {name!r} has the shape {shape!r}"
+        count = 1
+        for n in shape:
+            count *= n
+        if not (isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8 and bits.shape == ((count + 7) // 8,)):
+            return f"binary weight {name!r} does not hold {(count + 7) // 8} bytes of bits for its shape {shape}"
+        if not (isinstance(zeros, torch.Tensor) and zeros.dtype == torch.int64 and zeros.dim() == 1
+                and (zeros.numel() == 0 or (zeros.min() >= 0 and zeros.max() < count))):
+            return f"binary weight {name!r} names zero positions outside its {count} weights"
+    return None
 
 
 def network_of(obj, device="cpu"):
     """The ``nn.Module`` (eval mode) of packed content: the mean network, exactly."""
-    model = build_model(obj["model"], obj["num_classes"], obj["width"], obj["image_size"])
+    try:
+        model = build_model(obj["model"], obj["num_classes"], obj["width"], obj["image_size"])
+    except ValueError as error:  # a network of another version, or an image size it does not take
+        raise PackedError(f"the exported network cannot be built: {error}") from None
     state = dict(obj["state"])
     for name, packed in obj["binary"].items():
         state[name] = unpack_bits(packed)

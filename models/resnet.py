@@ -13,6 +13,22 @@ import torch.nn.functional as F
 from .binary import BinaryConv2d
 
 
+# (width multiplier, stride of the first block) of the four stages of two blocks each
+STAGES = [(1, 1), (2, 2), (4, 2), (8, 2)]
+
+
+def add_stages(model, block, width):
+    """Add ``layer1``..``layer4`` (stage widths width x 1, 2, 4, 8) of ``block`` to
+    ``model``; returns the last stage's width. (The ImageNet ResNets have the same stages.)"""
+    in_planes = width
+    for i, (mult, stride) in enumerate(STAGES):
+        planes = width * mult
+        model.add_module(f"layer{i + 1}", nn.Sequential(block(in_planes, planes, stride),
+                                                        block(planes, planes, 1)))
+        in_planes = planes
+    return in_planes
+
+
 def needs_projection(in_planes, planes, stride):
     """Whether a block's shortcut must change the input's shape (the first block of
     layer2, layer3 and layer4)."""
@@ -97,14 +113,9 @@ class ResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, width, 3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight)
         self.bn1 = nn.BatchNorm2d(width)
-        in_planes = width
-        for i, (mult, stride) in enumerate([(1, 1), (2, 2), (4, 2), (8, 2)]):
-            planes = width * mult
-            stage = nn.Sequential(block(in_planes, planes, stride), block(planes, planes, 1))
-            self.add_module(f"layer{i + 1}", stage)
-            in_planes = planes
-        self.linear = nn.Linear(in_planes, num_classes)
-        self.bn2 = nn.BatchNorm1d(in_planes)
+        features = add_stages(self, block, width)
+        self.linear = nn.Linear(features, num_classes)
+        self.bn2 = nn.BatchNorm1d(features)
 
     def stem(self, x):
         """The layers before the first binary weight: the same for every sample

@@ -24,9 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .binary import BinaryConv2d
-
-# (width multiplier, stride of the first block) of the four stages of two blocks each
-STAGES = [(1, 1), (2, 2), (4, 2), (8, 2)]
+from .resnet import add_stages
 
 
 def downsample(in_planes, planes, stride):
@@ -36,18 +34,6 @@ def downsample(in_planes, planes, stride):
         return None
     return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
                          nn.BatchNorm2d(planes))
-
-
-def add_stages(model, block, width):
-    """Add ``layer1``..``layer4`` (stage widths width x 1, 2, 4, 8) of ``block`` to
-    ``model``; returns the last stage's width."""
-    in_planes = width
-    for i, (mult, stride) in enumerate(STAGES):
-        planes = width * mult
-        model.add_module(f"layer{i + 1}", nn.Sequential(block(in_planes, planes, stride),
-                                                        block(planes, planes, 1)))
-        in_planes = planes
-    return in_planes
 
 
 def real_convs(model):

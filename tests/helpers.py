@@ -17,7 +17,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from utils import checkpoint  # noqa: E402
+from utils import files  # noqa: E402
 from utils.run_dir import BEST, CHECKPOINT, RunDir  # noqa: E402,F401
 
 # A run small enough for a CPU test: 5 training steps per epoch on the tiny CIFAR-10
@@ -41,14 +41,33 @@ MAIN = os.path.join(REPO, "main.py")
 
 
 class Forked:
-    """A process running ``main.py args`` (the few methods of subprocess.Popen the tests use)."""
+    """A process running ``main.py args`` (the few methods of subprocess.Popen the tests use).
+
+    Forked only while this process computes with one thread: a process forked after
+    torch's OpenMP pool of several threads exists deadlocks at its first parallel
+    operation (libgomp is not fork-safe). With more threads (OMP_NUM_THREADS=2 pytest),
+    main.py is started anew instead."""
 
     def __init__(self, args, stdout_path, stderr_path, env=None, preexec_fn=None):
         self.args = [MAIN, *map(str, args)]
         self.returncode = None
+        if torch.get_num_threads() > 1:
+            self._started(stdout_path, stderr_path, env or ENV, preexec_fn)
+            return
         self.pid = os.fork()
         if self.pid == 0:
             self._run_main(stdout_path, stderr_path, env or ENV, preexec_fn)
+
+    def _started(self, stdout_path, stderr_path, env, preexec_fn):
+        def prepare():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if preexec_fn is not None:
+                preexec_fn()
+        with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
+            self._process = subprocess.Popen([sys.executable, *self.args], cwd=REPO, env=env,
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                             start_new_session=True, preexec_fn=prepare)
+        self.pid = self._process.pid
 
     def _run_main(self, stdout_path, stderr_path, env, preexec_fn):
         code = 1
@@ -81,9 +100,12 @@ class Forked:
 
     def poll(self):
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            if hasattr(self, "_process"):
+                self.returncode = self._process.poll()
+            else:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def wait(self, timeout=None):
@@ -280,7 +302,8 @@ def run_results(results_dir, name):
 
 
 def load_checkpoint(path):
-    return checkpoint.load(str(path))
+    """A checkpoint's content (its digest checked and left out), as a dict to look at or change."""
+    return files.verify_digest(files.load(str(path)), str(path), "a checkpoint")
 
 
 def tensors_of(obj, prefix=""):

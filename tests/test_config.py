@@ -5,7 +5,7 @@ from dataclasses import fields, replace
 import pytest
 
 import config
-from config import RECIPES, Config, number, run_name, typed_settings
+from config import RECIPES, Config, number, run_name, settings_on_command_line
 
 
 def test_the_defaults_are_the_papers_recipe():
@@ -74,9 +74,9 @@ def test_invalid_values_are_refused_by_the_options(argv, message, capsys):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_typed_settings_are_those_on_the_command_line_whatever_their_value():
-    assert typed_settings(["--resume", "x", "-K", "8", "--bf16", "--data_root", "d"]) == {"K", "bf16"}
-    assert typed_settings(["--evaluate", "f.pth"]) == set()
+def test_settings_on_the_command_line_are_those_typed_whatever_their_value():
+    assert settings_on_command_line(["--resume", "x", "-K", "8", "--bf16", "--data_root", "d"]) == {"K", "bf16"}
+    assert settings_on_command_line(["--evaluate", "f.pth"]) == set()
 
 
 def test_a_checkpoints_settings_round_trip_and_unknown_ones_are_refused():

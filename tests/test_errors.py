@@ -16,7 +16,7 @@ from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, rea
                      send_when_logged, start_main, temporary_files)
 from models import build_model, is_binary, released
 from optim import VISPA
-from utils import checkpoint
+import checkpoint
 from utils.run_dir import RunDir
 from data import DATASETS
 
@@ -48,8 +48,8 @@ def world(tmp_path_factory, cifar10_root):
     ckpt = load_checkpoint(w.checkpoint)
     torch.save(released_layout(ckpt), os.path.join(w.files, "released.pth"))
     # settings that say K=4 around tensors of a K=2 run, at epoch 0 so that it would resume
-    checkpoint.save_atomic(dict(ckpt, config=dict(ckpt["config"], K=4), epoch=0),
-                           os.path.join(w.files, "other-K-inside.pth"))
+    checkpoint.write(dict(ckpt, config=dict(ckpt["config"], K=4), epoch=0, history=[], best_epoch=0, best_prec1=0.0),
+                     os.path.join(w.files, "other-K-inside.pth"))
     torch.save({"format": "vispa-checkpoint", "model": CreatesAFile(os.path.join(w.files, "MARKER"))},
                os.path.join(w.files, "code.pth"))
     return w

@@ -24,7 +24,7 @@ from data import DATASETS, normalize
 from data.synthetic import structured_images, write_cifar
 from models import build_model, released as released_layout
 from optim import VISPA
-from utils import checkpoint
+from utils import files
 from helpers import REPO, assert_clear_error, key_list, run_main, run_results, run_script
 
 SCRIPTS = {"resnet18": "evaluate_cifar100_resnet18_1W32A.sh", "vgg16": "evaluate_cifar100_vgg16_1W32A.sh"}
@@ -226,7 +226,7 @@ def test_released_layout_logits_equal_the_direct_computation(released):
     """The network built from the file computes, in mean mode, the reference forward
     pass of the file's tensors; every M and Z of the file is the distribution's."""
     model = build_model(released["model"], num_classes=100)
-    ckpt = checkpoint.load(str(released["path"]))
+    ckpt = files.load(str(released["path"]))
     K = released_layout.rank_of(ckpt["state_dict"])
     opt = VISPA(model.parameters(), lr=0.1, K=K)
     found = released_layout.from_released(ckpt["state_dict"], model)

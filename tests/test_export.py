@@ -145,8 +145,7 @@ def test_what_is_not_an_export_is_refused(exports, cifar10_root, tmp_path):
     truncated.write_bytes(trained["out"].read_bytes()[:-300])
     newer = tmp_path / "newer.bnn"
     content = torch.load(trained["out"], weights_only=True)
-    from utils import checkpoint
-    checkpoint.save_atomic(dict(content, version=2), str(newer))
+    packed.save(dict(content, version=2), str(newer))
     ours = trained["results"] / "run" / "checkpoint.pth.tar"
     cases = [(text, "cannot read"), (truncated, "cannot read"),
              (newer, "is an exported network of format version 2; this version reads version 1")]

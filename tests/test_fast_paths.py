@@ -23,8 +23,8 @@ import engine
 from data import DATASETS
 from models import build_model, is_binary
 from optim import VISPA
-from utils import checkpoint
-from utils.checkpoint import BackgroundSaver, CheckpointError
+from utils import files, seeds
+from utils.files import BackgroundSaver, FileError
 
 CIFAR = DATASETS["cifar10"]
 MEAN, STD = CIFAR.mean, CIFAR.std
@@ -309,7 +309,7 @@ def test_background_checkpoint_holds_the_state_of_the_moment_it_was_handed_over(
     state["history"].append(2)
     saver.wait()
     for name in ("a.pth", "b.pth"):
-        saved = checkpoint.load(str(tmp_path / name))
+        saved = files.load(str(tmp_path / name))
         assert saved["history"] == [1]
         for key, value in expected["model"].items():
             assert torch.equal(saved["model"][key], value), key
@@ -323,7 +323,7 @@ def test_background_checkpoint_holds_the_state_of_the_moment_it_was_handed_over(
 def test_a_failed_background_write_is_raised_and_leaves_no_file(tmp_path):
     saver = BackgroundSaver()
     saver.submit([({"x": torch.ones(3)}, str(tmp_path / "missing" / "c.pth"))])
-    with pytest.raises(CheckpointError, match="could not write"):
+    with pytest.raises(FileError, match="could not write"):
         saver.wait()
     saver.wait()  # raised once; nothing in flight now
 
@@ -337,9 +337,9 @@ def test_a_failed_background_write_is_raised_and_leaves_no_file(tmp_path):
 def test_random_states_restore_from_a_checkpoint_loaded_onto_the_gpu():
     device = torch.device("cuda")
     buffer = io.BytesIO()
-    torch.save(checkpoint.rng_states(device), buffer)
+    torch.save(seeds.rng_states(device), buffer)
     expected = torch.rand(3), torch.rand(3, device=device).cpu()
     buffer.seek(0)
-    checkpoint.set_rng_states(torch.load(buffer, map_location=device, weights_only=True), device)
+    seeds.set_rng_states(torch.load(buffer, map_location=device, weights_only=True), device)
     assert torch.equal(torch.rand(3), expected[0])
     assert torch.equal(torch.rand(3, device=device).cpu(), expected[1])

@@ -9,6 +9,7 @@ import torch
 
 import config
 from data.synthetic import write_image_folders
+from data import DATASETS
 from helpers import assert_clear_error, key_list, run_main, run_results, run_script
 from models import build_model, released
 from optim import VISPA
@@ -102,11 +103,10 @@ def test_the_authors_imagenet_files_evaluate_through_their_scripts(imagenet, tmp
     for name, (M, Z) in found.distributions.items():
         opt.set_distribution(params[name], M, Z)
     network.eval()
-    from training import test_batches
     cfg = config.Config(model=model, dataset="imagenet", loader="torchvision", workers=0, eval_batch_size=12)
     hits = total = 0
     with torch.no_grad():
-        for images, labels in test_batches(cfg, imagenet, torch.device("cpu"), World()):
+        for images, labels in DATASETS["imagenet"].test_loader(cfg, imagenet, World(), torch.device("cpu")):
             hits += (network(images).argmax(1) == labels).sum().item()
             total += len(labels)
     assert total == 12

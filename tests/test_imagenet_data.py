@@ -15,9 +15,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from data import DatasetError
-from data.imagenet import (CROP_SIZE, MEAN, STD, check_imagenet, crop_window, imagenet_loaders,
-                           shard_bounds, steps_per_epoch, train_params, train_shard, train_transform,
-                           val_size, val_transform)
+from data.imagenet import (CROP_SIZE, MEAN, STD, check_imagenet, crop_window, shard_bounds, steps_per_epoch,
+                           train_params, train_shard, train_transform, val_size, val_transform)
+from data.imagenet_loaders import imagenet_batches
 from data.synthetic import write_image_folders
 
 CLASSES, PER_CLASS, SIZE = 3, (5, 3), (60, 80)   # 15 training and 9 validation images
@@ -26,6 +26,17 @@ CLASSES, PER_CLASS, SIZE = 3, (5, 3), (60, 80)   # 15 training and 9 validation 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return write_image_folders(str(tmp_path_factory.mktemp("imagenet")), CLASSES, PER_CLASS, SIZE)
+
+
+def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, seed=0, backend="torchvision",
+                     dali_device="cpu"):
+    """(training batches, validation batches, steps per epoch) of ``rank`` of ``world``."""
+    folders = check_imagenet(root)
+    make = lambda samples, train: imagenet_batches(samples, train, batch_size, device, shard=rank,  # noqa: E731
+                                                   shards=world, workers=workers, backend=backend,
+                                                   decoder=dali_device, seed=seed)
+    return (make(folders.train, True), make(folders.val, False),
+            steps_per_epoch(len(folders.train), batch_size, world))
 
 
 def labels_of(batches):

@@ -11,7 +11,6 @@ import torch
 
 from helpers import ENV, REPO
 from models import build_model, is_binary, load_packed, packed
-from utils import checkpoint
 
 # What `pip install .` reads: the project file, the files it names and the library's folders.
 SOURCES = ["pyproject.toml", "README.md", "LICENSE", "vispa", "optim", "models", "utils"]
@@ -73,7 +72,7 @@ def test_the_load_packed_example_runs_an_exported_network(installed, tmp_path):
     model = build_model("resnet18", 10, width=4)
     means = {name: p.detach().clone() for name, p in model.named_parameters() if is_binary(p)}
     path = str(tmp_path / "model.bnn")
-    checkpoint.save_atomic(packed.pack(model, means, "resnet18", 4, 10, 32, "cifar10", (0.5,) * 3, (0.25,) * 3,
+    packed.save(packed.pack(model, means, "resnet18", 4, 10, 32, "cifar10", (0.5,) * 3, (0.25,) * 3,
                                        "a test"), path)
     run = outside(installed, tmp_path, os.path.join(REPO, "examples", "load_packed.py"), path)
     assert run.returncode == 0, run.stderr

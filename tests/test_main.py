@@ -85,12 +85,11 @@ def test_evaluate_at_the_logs_L_reproduces_the_logged_epoch(finished_run, file):
     assert test.groups() == (logged["val_loss"], logged["val_prec1"], logged["val_prec5"], logged["mean_prec1"])
 
 
-def test_piped_output_shows_progress_inside_an_epoch(cifar10_root, tmp_path, monkeypatch):
+def test_piped_output_shows_progress_inside_an_epoch(cifar10_root, tmp_path):
     """Where stderr is a file (a cluster job), no progress bar: a plain line of progress
-    every EVERY seconds (here every batch)."""
-    from utils import progress
-    monkeypatch.setattr(progress, "EVERY", 0.0)
-    out = tiny_run(cifar10_root, tmp_path, "piped")
+    every minute, or every VISPA_PROGRESS_SECONDS (here every batch)."""
+    out = run_main(*TINY, "--data_root", cifar10_root, "--epochs", 2, "--results_dir", tmp_path, "--save", "piped",
+                   env=dict(ENV, VISPA_PROGRESS_SECONDS="0"))
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
     assert "train: 1/5 batches (20%) in" in lines[0] and "s to go" in lines[0], lines[:3]

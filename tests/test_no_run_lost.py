@@ -18,7 +18,7 @@ import torch
 from data.synthetic import structured_images, write_cifar
 from helpers import (CHECKPOINT, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint,
                      read_text, run_main, script_env, start_main, wait_for)
-from utils import checkpoint
+import checkpoint
 from utils.run_dir import RunDir
 
 
@@ -60,7 +60,7 @@ def test_resuming_from_model_best_is_refused_and_rewind_goes_back_explicitly(fin
     best_epoch = load_checkpoint(run.best)["epoch"]
     if best_epoch == 3:  # make the best epoch an earlier one, as it is in most runs
         best = load_checkpoint(run.best)
-        checkpoint.save_atomic(dict(best, epoch=2, history=best["history"][:2]), run.best)
+        checkpoint.write(dict(best, epoch=2, history=best["history"][:2]), run.best)
         best_epoch = 2
     line = refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
                    f"is not the latest checkpoint of the run 'three' (it is at epoch {best_epoch}; its "
@@ -82,7 +82,7 @@ def test_model_best_at_the_latest_epoch_is_refused_for_what_it_lacks(finished, c
     latest = load_checkpoint(run.checkpoint)
     without = {i: {k: v for k, v in entry.items() if "momentum" not in k}
                for i, entry in latest["optimizer"]["state"].items()}
-    checkpoint.save_atomic(dict(latest, optimizer=dict(latest["optimizer"], state=without)), run.best)
+    checkpoint.write(dict(latest, optimizer=dict(latest["optimizer"], state=without)), run.best)
     refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
             f"{run.best} is at the run's latest epoch (3) but is not its checkpoint; it holds no momenta",
             f"resume with --resume {run.folder}, which goes on exactly from {run.checkpoint}",
@@ -98,7 +98,7 @@ def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar1
     assert state["data_root"] == os.path.abspath(cifar10_root)
 
     def unfinished(data_root):  # the same run, with a fourth epoch still to train
-        checkpoint.save_atomic(dict(state, data_root=data_root, config=dict(state["config"], epochs=4)),
+        checkpoint.write(dict(state, data_root=data_root, config=dict(state["config"], epochs=4)),
                                run.checkpoint)
 
     moved = str(tmp_path / "moved")
@@ -237,7 +237,7 @@ def test_a_checkpoint_full_of_nan_is_refused_for_evaluation_and_resume(finished,
     ckpt["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     path = str(tmp_path / "nan" / CHECKPOINT)
     os.makedirs(os.path.dirname(path))
-    checkpoint.save_atomic(ckpt, path)  # digest and all: only its values are wrong
+    checkpoint.write(ckpt, path)  # digest and all: only its values are wrong
     for option in ("--evaluate", "--resume"):
         refused([option, path, "--data_root", cifar10_root, "--gpus", "cpu"],
                 f"{path} holds non-finite values (NaN or infinity) in model/conv1.weight", watched=[tmp_path])
@@ -277,7 +277,7 @@ def test_settings_a_command_line_would_refuse_are_refused_in_a_checkpoint(finish
     ckpt = load_checkpoint(finished[1].checkpoint)
     ckpt["config"]["K"] = -1
     path = str(tmp_path / "k.pth")
-    checkpoint.save_atomic(ckpt, path)
+    checkpoint.write(ckpt, path)
     refused(["--evaluate", path, "--data_root", cifar10_root, "--gpus", "cpu"],
             "its settings cannot be read: K must be >= 0, got -1", watched=[tmp_path])
 

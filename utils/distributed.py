@@ -73,6 +73,11 @@ def sum_(tensor, world: World):
     return tensor
 
 
+def summing(world: World):
+    """``sum_`` over ``world`` as a function of the tensor (what engine.py takes as ``total``)."""
+    return lambda tensor: sum_(tensor, world)
+
+
 def broadcast_(tensors, world: World, source=0):
     """Give every rank rank ``source``'s values of ``tensors``."""
     if world.several:

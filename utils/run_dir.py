@@ -58,6 +58,13 @@ def epoch_line(row: dict, epochs: int, L: int) -> str:
             f"{r['seconds']} s")
 
 
+def valid_run_name(name: str) -> bool:
+    """A run's name is a folder name in the results folder: not empty, no '/', not
+    starting with '.', and printable (a newline would break the log and the summaries)."""
+    return (bool(name.strip(". ")) and "/" not in name and not name.startswith(".")
+            and name.isprintable() and name == name.strip())
+
+
 class RunInUse(Exception):
     """Another process holds the run's lock."""
 

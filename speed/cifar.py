@@ -6,11 +6,11 @@ batches of 256 running the whole network L times); (b) default: what main.py doe
 (engine.py on the device-resident loader, channels_last and fused SGD on CUDA, the
 stem once per evaluation batch of 1000); (c) bf16: (b) with --bf16. On a GPU the
 sizes are the real ones; on the CPU reduced ones, extrapolated to 50k / 10k images.
-benchmarks/README.md explains the rows and holds the measured tables.
+speed/README.md explains the rows and holds the measured tables.
 
-    python benchmarks/speed.py                                  # the two CIFAR-100 tables
-    python benchmarks/speed.py --recipes resnet18_1w1a_cifar10  # any CIFAR recipe
-    python benchmarks/speed.py --concurrent 5                   # five runs on one device
+    python speed/cifar.py                                  # the two CIFAR-100 tables
+    python speed/cifar.py --recipes resnet18_1w1a_cifar10  # any CIFAR recipe
+    python speed/cifar.py --concurrent 5                   # five runs on one device
 """
 import argparse
 import os
@@ -32,7 +32,7 @@ from config import RECIPES, Config  # noqa: E402
 from data import DATASETS  # noqa: E402
 from models import build_model  # noqa: E402
 from optim import VISPA, learning_rate  # noqa: E402
-from utils import checkpoint, threads  # noqa: E402
+from utils import files, threads  # noqa: E402
 
 FULL_TRAIN, FULL_TEST = 50_000, 10_000
 CIFAR = [name for name, cfg in RECIPES.items() if cfg.dataset.startswith("cifar")]
@@ -109,7 +109,7 @@ def prepare(mode, recipe, data, args, device):
         loaders = [spec.reference_loader(x, y, b, train, args.workers) for (x, y), b, train in
                    zip(data, (cfg.batch_size, cfg.eval_batch_size), (True, False))]
     else:
-        loaders = [spec.loader(x, y, b, train, device, fmt) for (x, y), b, train in
+        loaders = [spec.loader(x, y, b, train, device) for (x, y), b, train in
                    zip(data, (cfg.batch_size, cfg.eval_batch_size), (True, False))]
     return cfg, model, opt, fmt, loaders
 
@@ -118,7 +118,8 @@ def resident(images, labels, batch, cfg, device, fmt):
     """Batches already on the device: a full one and one of the epoch's last size."""
     sizes = [min(batch, len(labels))] + ([len(labels) % batch] if len(labels) % batch > 1 else [])
     spec = DATASETS[cfg.dataset]
-    return [next(iter(spec.loader(images[:n], labels[:n], n, False, device, fmt))) for n in sizes]
+    batches = [next(iter(spec.loader(images[:n], labels[:n], n, False, device))) for n in sizes]
+    return [(x.contiguous(memory_format=fmt), y) for x, y in batches]  # the mode's memory format
 
 
 def measure(mode, recipe, data, args, device):
@@ -163,8 +164,8 @@ def measure_checkpoint(model, opt):
     folder = tempfile.mkdtemp(prefix=".speed-", dir=os.path.join(ROOT, "results"))
     try:
         path = os.path.join(folder, "checkpoint.pth.tar")
-        in_loop = timed(torch.device("cpu"), lambda: checkpoint.save_atomic(state, path))
-        saver = checkpoint.BackgroundSaver()
+        in_loop = timed(torch.device("cpu"), lambda: files.save_atomic(state, path))
+        saver = files.BackgroundSaver()
         blocked = timed(torch.device("cpu"), lambda: saver.submit([(state, path)]))
         saver.wait()
         return {"mb": os.path.getsize(path) / 1e6, "in_loop_s": in_loop, "blocked_s": blocked}

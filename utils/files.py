@@ -1,43 +1,36 @@
-"""Checkpoint files: written atomically, read as data only, checked whole.
+"""Files of plain data (checkpoints, exported networks): written atomically, read as data
+only, checked whole.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk,
-then renamed over the old one: a crash, a kill or a full disk during a save leaves
-the previous checkpoint as it was. Files are read with
-``torch.load(weights_only=True)``: a checkpoint holds tensors, numbers, strings,
-lists and dicts, never code, and a file that holds anything else is refused.
+A file is written to a temporary file in the same folder, flushed to disk, then renamed
+over the old one: a crash, a kill or a full disk during a save leaves the previous file
+as it was. Files are read with ``torch.load(weights_only=True)``: they hold tensors,
+numbers, strings, lists and dicts, never code, and a file that holds anything else is
+refused. A file holding a non-finite tensor is refused too.
 
-Our own checkpoints carry a digest of their content (every tensor's bytes and every
-value), which loading verifies: a file damaged on disk or in a copy is refused, not
-silently evaluated or resumed. Loading also refuses a file with a non-finite tensor.
+Our own files carry a digest of their content (every tensor's bytes and every value),
+which their readers verify (``verify_digest``): a file damaged on disk or in a copy is
+refused, not silently evaluated or resumed. A digest is a checksum, not a schema: what
+each field may hold is checked by the file's owner (``checkpoint.py``, ``models/packed.py``).
 """
 import hashlib
 import os
 import pickle
-import random
 import re
 import tempfile
 import threading
 
-import numpy as np
 import torch
 
-FORMAT = "vispa-checkpoint"        # a training checkpoint of this program
-PACKED = "vispa-binary-network"     # a trained network exported for inference (models/packed.py)
-# 2: the ResNet18 stem without ReLU (the authors' network); VISPA's own generator of draws.
-# Files without a "version" are of format 1.
-VERSION = 2
+DIGEST = "digest"  # the key of the content digest in our files
 
 
-DIGEST = "digest"  # the key of the content digest in our checkpoints
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be written or used; the message says why."""
+class FileError(Exception):
+    """A file that cannot be written, or read as what it should be; the message says why."""
 
 
 def content_digest(obj) -> str:
-    """sha256 of a checkpoint's content: its structure, every plain value, and every
-    tensor's dtype, shape and bytes, in order."""
+    """sha256 of a file's content: its structure, every plain value, and every tensor's
+    dtype, shape and bytes, in order."""
     digest = hashlib.sha256()
 
     def feed(item):
@@ -63,14 +56,24 @@ def content_digest(obj) -> str:
     return digest.hexdigest()
 
 
-# Our file formats that carry a content digest, from which version on.
-DIGESTED = {FORMAT: 2, PACKED: 1}
+def with_digest(obj: dict) -> dict:
+    """``obj`` with the digest of the rest of its content under ``DIGEST``."""
+    content = {k: v for k, v in obj.items() if k != DIGEST}
+    return dict(content, **{DIGEST: content_digest(content)})
 
 
-def _ours(obj):
-    """One of our files of a format version that carries a digest."""
-    return (isinstance(obj, dict) and obj.get("format") in DIGESTED and isinstance(obj.get("version"), int)
-            and obj["version"] >= DIGESTED[obj["format"]])
+def verify_digest(obj: dict, path: str, what: str) -> dict:
+    """``obj`` without its digest, which must be there and match its content (FileError
+    otherwise: a file not written whole by this program, or damaged since)."""
+    content = {k: v for k, v in obj.items() if k != DIGEST}
+    stored = obj.get(DIGEST)
+    if stored is None:
+        raise FileError(f"{path} has no content digest: it was not written by this program whole, and "
+                        f"cannot be trusted as {what}")
+    if content_digest(content) != stored:
+        raise FileError(f"{path} is damaged: its content does not match the digest written with it "
+                        f"(a disk or copy error?); use another file")
+    return content
 
 
 class _Writer:
@@ -96,20 +99,16 @@ class _Writer:
 def save_atomic(obj, path: str):
     """Write ``obj`` to ``path`` through a temporary file in the same folder, flushed
     to disk and renamed over ``path``: ``path`` is always the old or the new file,
-    whole. One of our checkpoints gets its content digest. A failed write removes the
-    temporary file and raises CheckpointError."""
+    whole. A failed write removes the temporary file and raises FileError."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as error:
-        raise CheckpointError(f"could not write {path}: {error.strerror or error}; "
-                              f"the previous file there is unchanged") from None
+        raise FileError(f"could not write {path}: {error.strerror or error}; "
+                        f"the previous file there is unchanged") from None
     writer = None
     try:
-        if _ours(obj):
-            content = {k: v for k, v in obj.items() if k != DIGEST}
-            obj = dict(content, **{DIGEST: content_digest(content)})
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; a checkpoint is not
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; a checkpoint is not
         with os.fdopen(fd, "wb") as f:
             writer = _Writer(f)
             torch.save(obj, writer)
@@ -123,21 +122,29 @@ def save_atomic(obj, path: str):
             pass
         cause = writer.error if writer is not None and writer.error is not None else error
         if isinstance(cause, OSError):
-            raise CheckpointError(f"could not write {path}: {cause.strerror or cause}; "
-                                  f"the previous file there is unchanged") from None
+            raise FileError(f"could not write {path}: {cause.strerror or cause}; "
+                            f"the previous file there is unchanged") from None
         raise
     _fsync_folder(folder)
 
 
-def _read_umask():
-    """The process's umask (reading it means setting it: done once, at import, before
-    any thread of ours writes files)."""
-    mask = os.umask(0)
-    os.umask(mask)
+def umask() -> int:
+    """The process's umask, read from /proc where it can be (reading it with os.umask
+    means setting it, which a thread writing files at the same moment would notice)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 
-_UMASK = _read_umask()
+_UMASK_LOCK = threading.Lock()
 
 
 def to_host(obj, _copies=None):
@@ -160,7 +167,8 @@ def to_host(obj, _copies=None):
 
 
 class BackgroundSaver:
-    """Writes checkpoints with ``save_atomic`` from a thread while training goes on.
+    """Writes files with ``write`` (``save_atomic``, or a file owner's writer) from a
+    thread while training goes on.
 
     A ResNet18 checkpoint with K = 8 and momenta is about 800 MB: written in the
     training loop, its every-epoch save would cost seconds of an epoch of a few.
@@ -172,7 +180,8 @@ class BackgroundSaver:
     written and before the process ends.
     """
 
-    def __init__(self):
+    def __init__(self, write=save_atomic):
+        self._write_one = write
         self._thread = None
         self._error = None
 
@@ -188,7 +197,7 @@ class BackgroundSaver:
     def _write(self, jobs):
         try:
             for obj, path in jobs:
-                save_atomic(obj, path)
+                self._write_one(obj, path)
         except BaseException as error:  # handed to the training thread by wait()
             self._error = error
 
@@ -215,39 +224,32 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def load(path: str, map_location="cpu") -> dict:
-    """Read a checkpoint file as data. CheckpointError if it is missing, truncated,
-    not a checkpoint, holds objects other than plain data or a non-finite tensor, or
-    (one of ours) does not match its digest."""
+def load(path: str, map_location="cpu", mmap=False, what="checkpoint") -> dict:
+    """Read a file as data. FileError if it is missing, truncated, not a dict of plain
+    data, holds objects other than plain data, or a non-finite tensor. ``mmap``: the
+    tensors stay on disk until used (to read a few plain fields of a large file)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise FileError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if found is None:  # not a pickle of ours at all (a text file, garbage)
-            raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
-                                  f"(it is not a pickle of plain data)") from None
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain data, which could run code (it names {found.group(1)})") from None
+            raise FileError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
+                            f"(it is not a pickle of plain data)") from None
+        raise FileError(f"refusing to load {path}: it holds objects other than tensors and "
+                        f"plain data, which could run code (it names {found.group(1)})") from None
     except Exception as error:
         first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
-                              f"({type(error).__name__}: {first})") from None
+        raise FileError(f"cannot read {path}: truncated, corrupt, or not a checkpoint "
+                        f"({type(error).__name__}: {first})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
-    if _ours(obj):
-        stored = obj.pop(DIGEST, None)
-        if stored is None:
-            raise CheckpointError(f"{path} has no content digest: it was not written by this program "
-                                  f"whole, and cannot be trusted")
-        if content_digest(obj) != stored:
-            raise CheckpointError(f"{path} is damaged: its content does not match the digest written "
-                                  f"with it (a disk or copy error?); use another checkpoint")
-    bad = _first_non_finite(obj)
-    if bad is not None:
-        raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {bad}: the run it "
-                              f"comes from had diverged; use an earlier checkpoint")
+        raise FileError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    if not mmap:
+        bad = _first_non_finite(obj)
+        if bad is not None:
+            raise FileError(f"{path} holds non-finite values (NaN or infinity) in {bad}: the run it "
+                            f"comes from had diverged; use an earlier checkpoint")
     return obj
 
 
@@ -262,30 +264,3 @@ def _first_non_finite(obj, where=""):
         if found is not None:
             return found
     return None
-
-
-def rng_states(device: torch.device) -> dict:
-    """Every random-number state a run on ``device`` draws from, as plain data."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict, device: torch.device):
-    """Restore what ``rng_states`` returned. The states are CPU tensors whatever device
-    the checkpoint was loaded onto (``map_location`` moves them with everything else)."""
-    torch.set_rng_state(states["torch"].cpu())
-    n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"].cpu(), device)

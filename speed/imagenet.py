@@ -8,8 +8,8 @@ on a GPU. Then the images/s of the loaders on JPEG files (the torchvision worker
 DALI where it is installed), and the hours a recipe's run takes on this device alone
 (its four ranks as --virtual-ranks 4: the same images per step) from these figures.
 
-    python benchmarks/imagenet_speed.py                 # batch 256 on a GPU, 8 on the CPU
-    python benchmarks/imagenet_speed.py --loaders-only --workers 16
+    python speed/imagenet.py                 # batch 256 on a GPU, 8 on the CPU
+    python speed/imagenet.py --loaders-only --workers 16
 """
 import argparse
 import os
@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: the repository's packages
 
 from config import RECIPES  # noqa: E402
-from data.imagenet import TRAIN_IMAGES, VAL_IMAGES, imagenet_loaders  # noqa: E402
+from data.imagenet import TRAIN_IMAGES, VAL_IMAGES, check_imagenet  # noqa: E402
+from data.imagenet_loaders import imagenet_batches  # noqa: E402
 from data.synthetic import write_image_folders  # noqa: E402
 from models import build_model  # noqa: E402
 from optim import VISPA  # noqa: E402
@@ -84,8 +85,8 @@ def loader_rates(args, device):
         write_image_folders(root, classes=8, per_class=(args.images // 8, 4), size=(375, 500))
         for backend in ("torchvision", "dali"):
             try:
-                train, _, steps = imagenet_loaders(root, 32, args.workers, device, backend=backend,
-                                                   dali_device="cpu")
+                train = imagenet_batches(check_imagenet(root).train, True, 32, device, workers=args.workers,
+                                         backend=backend, decoder="cpu")
                 next(iter(train))  # the workers start
                 began = time.perf_counter()
                 count = sum(len(labels) for _, labels in train)

@@ -4,13 +4,13 @@
 #      paths against the plain ones, the device augmentation, random states);
 #   2. a short training run on the GPU, stopped by SIGTERM and resumed, beside the same
 #      run uninterrupted; its packed export evaluated on the GPU; two virtual ranks;
-#   3. the speed tables: benchmarks/speed.py, five runs sharing the GPU, the ImageNet
+#   3. the speed tables: speed/cifar.py, five runs sharing the GPU, the ImageNet
 #      networks and loaders.
 # Everything is printed and written to OUT_DIR/gpu_check.log (default results/gpu_check,
-# or $OUT where that is set). The tables go into benchmarks/README.md, naming the card.
+# or $OUT where that is set). The tables go into speed/README.md, naming the card.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
-#   GPU=cpu bash benchmarks/gpu_check.sh      # the same steps on the CPU (slow), to try the script
+#   bash speed/gpu_check.sh [OUT_DIR]
+#   GPU=cpu bash speed/gpu_check.sh      # the same steps on the CPU (slow), to try the script
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-${OUT:-results/gpu_check}}
@@ -76,10 +76,10 @@ stop_after() {
 
     step "3. speed: the CIFAR-100 recipes, three modes"
     device=$([ "$gpu" = cpu ] && echo cpu || echo "cuda:$gpu")
-    $python benchmarks/speed.py --device "$device"
+    $python speed/cifar.py --device "$device"
     step "3b. five ResNet18 runs sharing the GPU"
-    $python benchmarks/speed.py --device "$device" --concurrent 5
+    $python speed/cifar.py --device "$device" --concurrent 5
     step "3c. the ImageNet networks and loaders"
-    $python benchmarks/imagenet_speed.py --device "$device" --workers "$(nproc)"
+    $python speed/imagenet.py --device "$device" --workers "$(nproc)"
     step "done"
 } 2>&1 | tee "$out/gpu_check.log"

@@ -1,0 +1,203 @@
+"""What a Config or a file becomes: the network and its optimizer, the batches of its
+dataset, and a network read back from a file (one of our checkpoints, one of the authors'
+released files, an exported ``.bnn``). Used by main.py, training.py and the speed benchmarks;
+it imports the parts (models/, optim/, data/, utils/), never an entry point.
+
+    model, opt = build(cfg, device)
+    train, test = batches(cfg, DataFolder.of(None, cfg.dataset), device, world)
+    loaded = load_network("results/run/model_best.pth.tar", cfg, on_command_line, device)
+"""
+from dataclasses import dataclass, replace
+
+import torch
+
+import checkpoint
+from checkpoint import CheckpointError
+from config import Config, conflicts
+from data import DATASETS, DatasetError, memory_format
+from models import build_model, packed, released
+from optim import VISPA
+from utils import files, seeds
+
+
+# ---- a Config's network and optimizer -----------------------------------------------------------
+
+def build(cfg: Config, device):
+    """The network (on ``device``, in its memory format) and its optimizer for a run config.
+    The optimizer's own generator draws the evaluation's samples (``evaluation_draws``
+    seeds it); training draws come from the generators of engine.Ranks."""
+    model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
+    model = model.to(device, memory_format=memory_format(device))
+    opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
+                S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection, seed=0)
+    return model, opt
+
+
+def evaluation_draws(opt, cfg: Config, epoch: int, rank: int):
+    """Seed the draws of the L-sample evaluation after ``epoch`` on ``rank`` from the run's
+    seed: ``--evaluate`` of that epoch's checkpoint draws the same networks, and so gives
+    the number the log gives (with the run's test batch size, ranks and device type)."""
+    opt.generator.manual_seed(seeds.derived_seed(cfg.seed or 0, "evaluation draws", epoch, rank))
+
+
+# ---- a Config's data ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataFolder:
+    """Where a dataset is read from, and whether it is the folder a checkpoint remembers
+    (the one its run was trained on), which an error then says."""
+    path: str
+    remembered: bool = False
+
+    @classmethod
+    def of(cls, given, dataset, trained_on=None) -> "DataFolder":
+        """``--data_root`` if given, else the folder the run was trained on, else the
+        dataset's default folder (./datasets; ImageNet: ./datasets/imagenet)."""
+        if given:
+            return cls(given)
+        if trained_on:
+            return cls(trained_on, remembered=True)
+        return cls(DATASETS[dataset].default_root)
+
+    def explain(self, error: DatasetError) -> DatasetError:
+        if not self.remembered:
+            return error
+        return DatasetError(f"{error} ({self.path} is where the run was trained; give --data_root to read "
+                            f"the dataset from elsewhere)")
+
+
+def batches(cfg: Config, folder: DataFolder, device, world):
+    """(training batches of this process, its test batches): DatasetError, before anything
+    is written, if the data cannot serve the run."""
+    try:
+        return DATASETS[cfg.dataset].loaders(cfg, folder.path, world, device)
+    except DatasetError as error:
+        raise folder.explain(error) from None
+
+
+def test_batches(cfg: Config, folder: DataFolder, device, world):
+    """This rank's test batches (all of them on one process), for an evaluation."""
+    try:
+        return DATASETS[cfg.dataset].test_loader(cfg, folder.path, world, device)
+    except DatasetError as error:
+        raise folder.explain(error) from None
+
+
+# ---- a file's network ---------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """A network and its distribution read from a file."""
+    model: torch.nn.Module
+    opt: VISPA
+    cfg: Config               # what it was trained with (and what was asked for the evaluation)
+    source: str               # where it comes from, for the reader
+    note: str = ""            # what the reader should know of the result
+    trained_on: str = None    # the data folder of its run, if the file says
+    epoch: int = 0            # the epoch it holds (0 for the authors' files)
+
+
+# What may be asked of an evaluation beside a checkpoint's own settings.
+EVALUATION_SETTINGS = ("L", "bf16", "loader", "workers", "eval_batch_size")
+
+
+def load_network(path, cfg: Config, on_command_line, device) -> Loaded:
+    """The network and its distribution in a file of ours or of the authors' (any of
+    their layouts). Settings typed on the command line that contradict the file's
+    network are refused."""
+    try:
+        obj = files.load(path)
+    except files.FileError as error:
+        raise CheckpointError(str(error)) from None
+    if checkpoint.is_ours(obj):
+        return _load_ours(checkpoint.from_file(obj, path, "evaluated"), path, cfg, on_command_line, device)
+    return _load_released(obj, path, cfg, on_command_line, device)
+
+
+def _load_ours(state, path, cfg, on_command_line, device) -> Loaded:
+    different = conflicts(cfg, state.config, on_command_line, ("model", "dataset", "width", "K"))
+    if different:
+        raise CheckpointError(f"{path} holds another network than the one asked for: " + ", ".join(different))
+    model, opt = build(state.config, device)
+    fill(model, opt, state, path)
+    asked = {key: getattr(cfg, key) for key in EVALUATION_SETTINGS if key in on_command_line or key == "L"}
+    return Loaded(model, opt, replace(state.config, **asked), f"epoch {state.epoch} of run {state.run}",
+                  trained_on=state.data_root, epoch=state.epoch)
+
+
+def fill(model, opt, state: checkpoint.Checkpoint, path):
+    """Fill the network and the distribution from one of our checkpoints, strictly."""
+    try:
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} does not fit this network: {error}") from None
+
+
+def _load_released(obj, path, cfg, on_command_line, device) -> Loaded:
+    """One of the authors' files: --model and --dataset name the network (their file's
+    ``model`` string is not read), K is the first dimension of its Z."""
+    if "state_dict" not in obj:
+        raise CheckpointError(f"{path} is neither one of our checkpoints nor in the released layout "
+                              f"(no 'state_dict' key; keys: {sorted(map(str, obj))[:8]})")
+    try:
+        K = released.rank_of(obj["state_dict"])
+    except released.LayoutError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if "K" in on_command_line and cfg.K != K:
+        raise CheckpointError(f"{path} holds K={K} (the first dimension of its Z), not the -K {cfg.K} "
+                              f"asked for; leave -K out")
+    cfg = replace(cfg, K=K)
+    model, opt = build(cfg, device)
+    try:
+        found = released.from_released(obj["state_dict"], model)
+    except released.LayoutError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    model.load_state_dict(found.model_state)
+    params = dict(model.named_parameters())
+    for name, (M, Z) in found.distributions.items():
+        opt.set_distribution(params[name], M, Z)
+    source = f"released checkpoint, epoch {obj.get('epoch')}, best_prec1 {obj.get('best_prec1')}"
+    if found.dropped:
+        source += f"; its {len(found.dropped)} unused .sample tensors (zeros) were left out"
+    note = ""
+    if K == 0:
+        note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
+                "every one of the L samples is sign(M) and both results are the same network's.\n")
+    return Loaded(model, opt, cfg, source, note)
+
+
+# ---- an exported network ---------------------------------------------------------------------------
+
+def is_exported(path) -> bool:
+    """Whether ``path`` is meant as an exported network (by its name, or its content)."""
+    if path.endswith(".bnn"):
+        return True
+    fields = checkpoint.peek(path)
+    return fields is not None and fields["format"] == packed.FORMAT
+
+
+def load_exported(path, cfg: Config, on_command_line, device):
+    """(the exported network, the Config of what it is, where it comes from). Settings
+    typed on the command line that the file contradicts are refused, as for a checkpoint."""
+    try:
+        content = packed.read_packed(path)
+        model = packed.network_of(content, device)
+    except packed.PackedError as error:
+        raise CheckpointError(str(error)) from None
+    saved = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
+    different = conflicts(cfg, saved, on_command_line, ("model", "dataset", "width"))
+    if different:
+        raise CheckpointError(f"{path} is another network than the one asked for: " + ", ".join(different))
+    asked = {key: getattr(cfg, key) for key in EVALUATION_SETTINGS if key in on_command_line}
+    return model, replace(saved, **asked), content.get("source")
+
+
+def exported_network(loaded: Loaded, source: str) -> dict:
+    """The packed file of a loaded network's mean network sign(M)."""
+    cfg = loaded.cfg
+    means = {name: loaded.opt.state[p]["M"] for name, p in loaded.model.named_parameters()
+             if getattr(p, "binary", False)}
+    dataset = DATASETS[cfg.dataset]
+    return packed.pack(loaded.model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
+                       dataset.mean, dataset.std, source)
