@@ -1,18 +1,19 @@
 """Run one training recipe for several seeds on a set of device slots, then report.
 
-The benchmark scripts set their recipe and settings as environment variables and end
-with ``exec python3 run_seeds.py "$@"``:
+The benchmark scripts name their recipe (and what they change of the runner's defaults)
+as environment variables and end with ``exec python3 run_seeds.py "$@"``:
 
     RECIPE        the configuration (config.RECIPES) the settings below change
     K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH
                   the settings (main.py's -K --scale -L --lr --wd --lr_decay
                   --warmup_epochs --epochs -b --width); unset: the recipe's
-    LOADER WORKERS  main.py's --loader and -j
+    LOADER WORKERS  main.py's --loader and -j; unset: the recipe's
     SEEDS         the seeds, space-separated (default: the paper's five)
     GPUS          the slots (default "0 1 2 3 4"); arguments given instead override it
     NPROC         GPUs per run (default 1): with more, each run is `torchrun --standalone
                   --nproc_per_node NPROC main.py ...` on a group of NPROC slots
-    DATA_ROOT, RESULTS_DIR
+    DATA_ROOT     main.py's --data_root (default: main.py's, ./datasets; ImageNet ./datasets/imagenet)
+    RESULTS_DIR   where the logs and run folders go (default ./results)
 
 The runs are named by ``config.run_name`` from the recipe and the settings
 (``resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_...``). A slot is a CUDA device
@@ -242,16 +243,18 @@ def parse(argv, env):
         usage_error(f"NPROC must be a number of GPUs per run that divides the {len(slots)} slots, got {nproc!r}")
     nproc = int(nproc)
     slots = [" ".join(slots[i:i + nproc]) for i in range(0, len(slots), nproc)]  # a slot: a run's GPUs
-    main_args = ["--data_root", env.get("DATA_ROOT", "./datasets")]
+    main_args = []
     for variable, option in SETTINGS.items():
         if env.get(variable, "") != "":
             main_args += [option, env[variable]]
     settings = argparse.ArgumentParser(add_help=False)
     config.add_arguments(settings, config.RECIPES[recipe])
     try:
-        cfg = config.from_args(settings.parse_args(main_args[2:]))
+        cfg = config.from_args(settings.parse_args(main_args))
     except SystemExit:
-        usage_error(f"a setting is not valid: {' '.join(main_args[2:])}")
+        usage_error(f"a setting is not valid: {' '.join(main_args)}")
+    if env.get("DATA_ROOT", "") != "":  # else main.py's default for the dataset
+        main_args += ["--data_root", env["DATA_ROOT"]]
     return recipe, cfg, seeds, slots, env.get("RESULTS_DIR", "./results"), main_args
 
 

@@ -15,22 +15,11 @@
 # interruption the same command carries on.
 set -euo pipefail
 
-# ---- the recipe (config.py holds it; these are its values); each setting can be overridden by
-# ---- an environment variable of the same name
+# The recipe (config.py holds every value of it). Any of its settings can be changed by an
+# environment variable: K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH LOADER WORKERS,
+# and the runner's SEEDS (default: 2020 2024 1314 512 2333), GPUS (default: "0 1 2 3 4"), NPROC,
+# DATA_ROOT (default: ./datasets; ImageNet ./datasets/imagenet) and RESULTS_DIR (default: ./results);
+# run_seeds.py describes them.
 export RECIPE=vgg16_1w32a_cifar10
-export K=${K:-8}                          # rank of the covariance factor Z
-export S=${S:-100}                        # scale: r ~ N(0, I_K / S)
-export L=${L:-40}                         # samples per test image
-export LR=${LR:-0.1}
-export WD=${WD:-5e-4}
-export LR_DECAY=${LR_DECAY:-cos}          # per iteration, after a linear warm-up
-export WARMUP_EPOCHS=${WARMUP_EPOCHS:-5}
-export EPOCHS=${EPOCHS:-500}
-export BATCH=${BATCH:-256}
-export WIDTH=${WIDTH:-64}                 # 64 = the paper's network
-export SEEDS=${SEEDS:-"2020 2024 1314 512 2333"}
-export GPUS=${GPUS:-"0 1 2 3 4"}          # slots: CUDA device indices or "cpu"; arguments override it
-export DATA_ROOT=${DATA_ROOT:-./datasets}
-export RESULTS_DIR=${RESULTS_DIR:-./results}
 
 exec python3 "$(dirname "${BASH_SOURCE[0]}")/../run_seeds.py" "$@"

@@ -11,25 +11,15 @@
 # $RESULTS_DIR/<run name>/ (birealnet18_1w1a_imagenet_seed=2020_benchmark_K=2_S=100_L=40_wd=1e-5_lr=0.5_cos_epochs=200). A run that has a checkpoint is resumed.
 set -euo pipefail
 
-# ---- the recipe (config.py holds it; these are its values); each setting can be overridden by
-# ---- an environment variable of the same name
+# The recipe (config.py holds every value of it). Any of its settings can be changed by an
+# environment variable: K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH LOADER WORKERS,
+# and the runner's SEEDS (default: 2020 2024 1314 512 2333), GPUS (default: "0 1 2 3 4"), NPROC,
+# DATA_ROOT (default: ./datasets; ImageNet ./datasets/imagenet) and RESULTS_DIR (default: ./results);
+# run_seeds.py describes them.
 export RECIPE=birealnet18_1w1a_imagenet
-export K=${K:-2}                          # rank of the covariance factor Z
-export S=${S:-100}                        # scale: r ~ N(0, I_K / S)
-export L=${L:-40}                         # samples per test image
-export LR=${LR:-0.5}                      # before the scaling by batch x ranks / 256
-export WD=${WD:-1e-5}
-export LR_DECAY=${LR_DECAY:-cos}          # per iteration, after a linear warm-up
-export WARMUP_EPOCHS=${WARMUP_EPOCHS:-5}
-export EPOCHS=${EPOCHS:-200}
-export BATCH=${BATCH:-256}                  # per GPU
-export WIDTH=${WIDTH:-64}                  # 64 = the paper's network
-export LOADER=${LOADER:-torchvision}          # torchvision, dali-gpu or dali-cpu (the authors': dali-cpu)
-export WORKERS=${WORKERS:-8}                 # loader processes (DALI threads) per GPU
+# What this script changes: one run (seed 2020) on 4 GPUs under torchrun, as the authors run it
+export NPROC=${NPROC:-4}
+export GPUS=${GPUS:-"0 1 2 3"}
 export SEEDS=${SEEDS:-2020}
-export NPROC=${NPROC:-4}                   # GPUs per run (torchrun ranks)
-export GPUS=${GPUS:-"0 1 2 3"}            # slots: CUDA device indices ("cpu": ranks on the CPU)
-export DATA_ROOT=${DATA_ROOT:-./datasets/imagenet}
-export RESULTS_DIR=${RESULTS_DIR:-./results}
 
 exec python3 "$(dirname "${BASH_SOURCE[0]}")/../run_seeds.py" "$@"

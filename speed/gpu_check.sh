@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a machine with a CUDA GPU should run once (one command, to fit a short lease):
-#   1. the tests that have a CUDA variant (the authors' golden data on the GPU, the fast
-#      paths against the plain ones, the device augmentation, random states);
+#   1. the whole test suite on this machine's CPU and GPU (the authors' golden data on the
+#      GPU, the fast paths against the plain ones, the device augmentation, random states);
 #   2. a short training run on the GPU, stopped by SIGTERM and resumed, beside the same
 #      run uninterrupted; its packed export evaluated on the GPU; two virtual ranks;
 #   3. the speed tables: speed/cifar.py, five runs sharing the GPU, the ImageNet
@@ -44,8 +44,8 @@ stop_after() {
         $python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name($gpu))" || exit 1
     fi
 
-    step "1. tests with a CUDA variant"
-    $python -m pytest -q -p no:cacheprovider tests -k "cuda or gpu" -n 4 --dist loadfile
+    step "1. the test suite (with its CUDA variants)"
+    $python -m pytest -q -p no:cacheprovider tests -n 8 --dist worksteal
 
     step "2. a run on the GPU: uninterrupted, and stopped after epoch 2 then resumed"
     $python main.py --demo > /dev/null  # writes results/demo_data (on the CPU)
