@@ -6,7 +6,7 @@
 #   bash benchmark_cifar100_resnet18_1W32A.sh                   # GPUs 0-4, one seed each
 #   bash benchmark_cifar100_resnet18_1W32A.sh 0 1               # two GPUs; the other seeds queue
 #   GPUS="0 0 0 0 0" bash benchmark_cifar100_resnet18_1W32A.sh  # all five seeds at once on GPU 0
-#   GPUS="cpu cpu" SEEDS="1 2" EPOCHS=2 WIDTH=8 L=2 bash benchmark_cifar100_resnet18_1W32A.sh
+#   GPUS="cpu cpu" SEEDS="1 2" EPOCHS=2 WARMUP_EPOCHS=1 WIDTH=8 L=2 bash benchmark_cifar100_resnet18_1W32A.sh
 #
 # Logs: $RESULTS_DIR/<run name>.txt (the last line is the best accuracy), checkpoints in
 # $RESULTS_DIR/<run name>/. Runs are named after the recipe and their settings

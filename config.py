@@ -109,8 +109,24 @@ class Config:
                                  "worker draws its own augmentations)")
 
     def __post_init__(self):
+        network = MODELS[canonical_name(self.model)]
         if self.width is None:  # the paper's width of the chosen network
-            object.__setattr__(self, "width", MODELS[canonical_name(self.model)].width)
+            object.__setattr__(self, "width", network.width)
+
+    def contradictions(self) -> list:
+        """Settings that cannot go together, each said in a line: checked where a run's
+        config is made (the command line of a new run, a fork, a checkpoint), before any
+        data is read."""
+        problems = []
+        sizes = MODELS[canonical_name(self.model)].image_sizes
+        if self.dataset in DATASETS and self.image_size not in sizes:
+            problems.append(f"--model {self.model} takes images of {' or '.join(map(str, sizes))} pixels, and "
+                            f"--dataset {self.dataset} has images of {self.image_size}")
+        if isinstance(self.warmup_epochs, int) and isinstance(self.epochs, int) and self.warmup_epochs > self.epochs:
+            problems.append(f"--warmup_epochs {self.warmup_epochs} is more than --epochs {self.epochs}: the run "
+                            f"would end inside its warm-up and never reach its peak lr; give --warmup_epochs "
+                            f"{self.epochs} or less too (a recipe's warm-up is 5 epochs)")
+        return problems
 
     @property
     def num_classes(self):
@@ -135,7 +151,10 @@ class Config:
             raise ValueError(f"unknown settings {unknown}")
         for name, value in values.items():
             _check(known[name], value)
-        return cls(**values)
+        config = cls(**values)
+        for problem in config.contradictions():
+            raise ValueError(problem)
+        return config
 
 
 def _check(f, value):

@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 from checkpoint import CheckpointError
-from config import Config, conflicts
+from config import Config, UsageError, conflicts
 from data import DATASETS, DatasetError, memory_format
 from models import build_model, packed, released
 from optim import VISPA
@@ -27,10 +27,39 @@ def build(cfg: Config, device):
     The optimizer's own generator draws the evaluation's samples (``evaluation_draws``
     seeds it); training draws come from the generators of engine.Ranks."""
     model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
+    check_memory(model, cfg, device)
     model = model.to(device, memory_format=memory_format(device))
     opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
                 S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection, seed=0)
     return model, opt
+
+
+def check_memory(model, cfg: Config, device):
+    """UsageError, before anything is allocated, when VISPA's state would not fit in the
+    device's free memory: per binary weight M and Z ((K + 1) floats), their gradients and
+    their momenta, three times (K + 1) float32 values."""
+    weights = sum(p.numel() for p in model.parameters() if getattr(p, "binary", False))
+    needed = 3 * (cfg.K + 1) * 4 * weights
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise UsageError(f"-K {cfg.K}: VISPA's state for the {weights:,} binary weights of {cfg.model} (width "
+                         f"{cfg.width}; M, Z, their gradients and momenta) needs about {needed / 2**30:,.1f} GiB, and "
+                         f"{device} has {free / 2**30:,.1f} GiB free: choose a smaller -K or --width")
+
+
+def free_memory(device):
+    """Bytes free on ``device`` (the CPU: MemAvailable of /proc/meminfo), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def evaluation_draws(opt, cfg: Config, epoch: int, rank: int):
@@ -75,6 +104,13 @@ def batches(cfg: Config, folder: DataFolder, device, world):
         raise folder.explain(error) from None
 
 
+def class_problem(cfg: Config, folder: DataFolder):
+    """What is wrong with the classes of the dataset in ``folder`` (a class folder missing,
+    so that every later label shifts), or None: a warning for a run of ours, a refusal
+    for the authors' network, whose labels are the full set's."""
+    return DATASETS[cfg.dataset].class_problem(folder.path)
+
+
 def test_batches(cfg: Config, folder: DataFolder, device, world):
     """This rank's test batches (all of them on one process), for an evaluation."""
     try:
@@ -95,6 +131,7 @@ class Loaded:
     note: str = ""            # what the reader should know of the result
     trained_on: str = None    # the data folder of its run, if the file says
     epoch: int = 0            # the epoch it holds (0 for the authors' files)
+    released: bool = False    # one of the authors' files
 
 
 # What may be asked of an evaluation beside a checkpoint's own settings.
@@ -164,7 +201,7 @@ def _load_released(obj, path, cfg, on_command_line, device) -> Loaded:
     if K == 0:
         note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
                 "every one of the L samples is sign(M) and both results are the same network's.\n")
-    return Loaded(model, opt, cfg, source, note)
+    return Loaded(model, opt, cfg, source, note, released=True)
 
 
 # ---- an exported network ---------------------------------------------------------------------------
@@ -182,6 +219,9 @@ def load_exported(path, cfg: Config, on_command_line, device):
     typed on the command line that the file contradicts are refused, as for a checkpoint."""
     try:
         content = packed.read_packed(path)
+        if content["dataset"] not in DATASETS or content["num_classes"] != DATASETS[content["dataset"]].num_classes:
+            raise CheckpointError(f"{path} is a network of {content['num_classes']} classes for the dataset "
+                                  f"{content['dataset']!r}, which this program does not know with that many classes")
         model = packed.network_of(content, device)
     except packed.PackedError as error:
         raise CheckpointError(str(error)) from None

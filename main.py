@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+import checkpoint
 import engine
 import factory
 from config import DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line
@@ -38,7 +39,7 @@ from training import FORK, NEW, RESUME, REWIND, Request, train
 from utils import distributed, threads
 from utils.files import FileError
 from utils.progress import progress
-from utils.run_dir import EXIT_ERROR, EXIT_OK, RunInUse, exit_stopped, valid_run_name
+from utils.run_dir import EXIT_ERROR, EXIT_OK, NotARun, RunDir, RunInUse, exit_stopped, valid_run_name
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -110,8 +111,13 @@ def parse_args(argv):
     recipe = argparse.ArgumentParser(add_help=False)
     recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     chosen = recipe.parse_known_args(argv)[0].recipe
-    args = build_parser(RECIPES[chosen or DEFAULT_RECIPE]).parse_args(argv)
-    return args, from_args(args), settings_on_command_line(argv)
+    parser = build_parser(RECIPES[chosen or DEFAULT_RECIPE])
+    args = parser.parse_args(argv)
+    cfg = from_args(args)
+    if args.resume is None:  # a resumed or forked run's settings are its checkpoint's, checked there
+        for problem in cfg.contradictions():
+            parser.error(problem)
+    return args, cfg, settings_on_command_line(argv)
 
 
 def check_combinations(args):
@@ -192,8 +198,13 @@ def evaluate_file(args, cfg, on_command_line, device, world):
         return evaluate_exported(args, cfg, on_command_line, device, world)
     loaded = factory.load_network(args.evaluate, cfg, on_command_line, device)
     cfg = loaded.cfg
-    test = factory.test_batches(cfg, factory.DataFolder.of(args.data_root, cfg.dataset, loaded.trained_on),
-                                device, world)
+    folder = factory.DataFolder.of(args.data_root, cfg.dataset, loaded.trained_on)
+    test = factory.test_batches(cfg, folder, device, world)
+    problem = factory.class_problem(cfg, folder)
+    if problem and loaded.released:
+        raise DatasetError(f"{problem}: the released network's classes are the full dataset's")
+    if problem and world.main:
+        print(f"warning: {problem}", file=sys.stderr)
     factory.evaluation_draws(loaded.opt, cfg, loaded.epoch, world.rank)
     total = distributed.summing(world)
     val = engine.evaluate(loaded.model, loaded.opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
@@ -217,13 +228,35 @@ def evaluate_exported(args, cfg, on_command_line, device, world):
     return EXIT_OK
 
 
+def check_export_target(source, out, overwrite):
+    """--out may be a new file, or with --overwrite an exported network: never the file
+    exported, a link, a file of a run (its checkpoints, metrics, settings, lock or log),
+    nor anything in the folder of a run that is being trained."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {out}: the folder {folder} does not exist")
+    if os.path.islink(out):
+        raise UsageError(f"{out} is a symbolic link: --out is never written through a link")
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        raise UsageError(f"--out {out} is the checkpoint being exported: choose another --out")
+    holder = RunDir(os.path.dirname(folder), os.path.basename(folder))
+    log_of = RunDir(folder, os.path.basename(out)[:-len(".txt")]) if out.endswith(".txt") else None
+    if (os.path.abspath(out) in map(os.path.abspath, holder.files()) and holder.holds_run()) or \
+            (log_of is not None and log_of.holds_run()):
+        raise UsageError(f"{out} is a file of a run: choose another --out")
+    if holder.in_use():
+        raise UsageError(f"{folder} is the folder of a run being trained now: write --out elsewhere, or wait")
+    if os.path.exists(out):
+        if not overwrite:
+            raise UsageError(f"{out} exists: choose another --out, or add --overwrite to replace it")
+        fields = checkpoint.peek(out)
+        if fields is None or fields["format"] != packed.FORMAT:
+            raise UsageError(f"{out} exists and is not an exported network: --overwrite replaces only those")
+
+
 def export_file(args, cfg, on_command_line):
     """``--export FILE --out OUT``: the mean network sign(M) of a checkpoint, packed."""
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UsageError(f"{args.out} exists: choose another --out, or add --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {args.out}: the folder {folder} does not exist")
+    check_export_target(args.export, args.out, args.overwrite)
     loaded = factory.load_network(args.export, cfg, on_command_line, torch.device("cpu"))
     cfg = loaded.cfg
     packed.save(factory.exported_network(loaded, f"{args.export} ({loaded.source})"), args.out)
@@ -240,8 +273,9 @@ def export_file(args, cfg, on_command_line):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, cfg, on_command_line = parse_args(argv)
-    world = distributed.from_environment()
+    world = distributed.World()
     try:
+        world = distributed.from_environment()
         check_combinations(args)
         if args.demo:
             cfg = demo(args)
@@ -254,13 +288,19 @@ def main(argv=None):
             return export_file(args, cfg, on_command_line)
         distributed.start(world, device)
         try:
+            distributed.agree(dict(vars(args), **cfg.to_dict()), world, "options")
             if args.evaluate:
                 return evaluate_file(args, cfg, on_command_line, device, world)
             return train(run_request(args), cfg, on_command_line, device, world)
         finally:
             distributed.finish(world)
-    except (UsageError, DatasetError, FileError, RunInUse) as error:
+    except (UsageError, DatasetError, FileError, RunInUse, NotARun, distributed.RankError) as error:
         print(f"error: {error}" + (f" (rank {world.rank})" if world.several else ""), file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+        print(f"error: out of memory ({first[:200]}): try a smaller -b, --eval-batch-size, -K or --width",
+              file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # a file the run writes: disk full, permissions, ...
         where = f": {error.filename}" if error.filename else ""

@@ -40,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import checkpoint
@@ -60,7 +61,9 @@ class Run:
         self.resume = False
         self.process = None
         self.slot = None
-        self.returncode = None  # stays None for a run skipped as finished
+        self.returncode = None  # stays None for a run skipped as finished, or never started
+        self.planned = False    # it was to run (not skipped as finished)
+        self.failure = None     # why it could not be started
 
 
 def say(message):
@@ -102,9 +105,13 @@ def launch(run, slot, recipe, main_args, env):
         command += ["--gpus", devices[0]]
     command += ["--resume", files.folder] if run.resume else ["--recipe", recipe]
     os.makedirs(files.folder, exist_ok=True)
-    with open(files.console, "ab") as console:
+    # appended to, never through a link (O_NOFOLLOW): the run's own checks say more once it runs
+    console = os.open(files.console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
         run.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    finally:
+        os.close(console)
     run.slot = slot
     where = "the CPU" if devices[0] == "cpu" else ("GPU " if len(devices) == 1 else "GPUs ") + ", ".join(devices)
     say(f"seed {run.seed}: started on {where}" + (f" ({len(devices)} ranks)" if len(devices) > 1 else ""))
@@ -134,7 +141,14 @@ def run_all(runs, slots, recipe, main_args):
         while running or (queue and not stop):
             while queue and free and not stop:
                 run, slot = queue.pop(0), free.pop(0)
-                launch(run, slot, recipe, main_args, slot_environment(slot, slots))
+                try:
+                    launch(run, slot, recipe, main_args, slot_environment(slot, slots))
+                except OSError as error:  # its folder cannot be written: the others go on
+                    run.failure = f"cannot start it: {error.strerror or error}: {error.filename or run.files.folder}"
+                    run.returncode = 1
+                    free.append(slot)
+                    say(f"seed {run.seed}: {run.failure}")
+                    continue
                 running.append(run)
             if stop and not forwarded:
                 say(f"{signal.Signals(stop[0]).name}: stopping the running runs (each keeps the "
@@ -176,6 +190,12 @@ def table(runs, template):
     best, mean_net = [], []
     for run in runs:
         status = run.files.status()
+        if run.planned and run.process is None and run.failure is None:
+            lines.append(f"  {run.seed:<6} not started (the command was stopped first); runs when it is run again")
+            continue
+        if run.failure is not None:
+            lines.append(f"  {run.seed:<6} FAILED ({run.failure})")
+            continue
         if run.returncode in STOPPED:
             at = f" after epoch {status.epoch}/{status.epochs}" if status else ""
             lines.append(f"  {run.seed:<6} stopped{at}, resumes when the command is run again")
@@ -200,6 +220,8 @@ def table(runs, template):
 
 
 def failure_report(run):
+    if run.failure is not None:
+        return f"FAILED: seed {run.seed}: {run.failure}"
     log = f"log {run.files.log}" if os.path.exists(run.files.log) else "it wrote no log"
     lines = [f"FAILED: seed {run.seed} (exit status {run.returncode}), {log}; "
              f"the last lines of its output ({run.files.console}):"]
@@ -253,6 +275,8 @@ def parse(argv, env):
         cfg = config.from_args(settings.parse_args(main_args))
     except SystemExit:
         usage_error(f"a setting is not valid: {' '.join(main_args)}")
+    for problem in cfg.contradictions():
+        usage_error(problem)
     if env.get("DATA_ROOT", "") != "":  # else main.py's default for the dataset
         main_args += ["--data_root", env["DATA_ROOT"]]
     return recipe, cfg, seeds, slots, env.get("RESULTS_DIR", "./results"), main_args
@@ -262,8 +286,18 @@ def main(argv=None):
     recipe, cfg, seeds, slots, results_dir, main_args = parse(sys.argv[1:] if argv is None else argv,
                                                              os.environ)
     runs = [Run(seed, config.run_name(recipe, cfg, seed), results_dir) for seed in seeds]
+    try:  # a results folder that cannot be written: one line, before anything starts
+        os.makedirs(results_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=results_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        print(f"error: cannot write to RESULTS_DIR {results_dir}: {error.strerror or error}", file=sys.stderr)
+        return 1
     say(f"{len(runs)} seeds of {recipe} on the slots {' '.join(slots)}; logs in {results_dir}/")
     to_run = [run for run in runs if plan(run)]
+    for run in to_run:
+        run.planned = True
     signum = run_all(to_run, slots, recipe, main_args)
     print(table(runs, config.run_name(recipe, cfg)))
     for run in runs:  # runs stopped by our own signal are not failures

@@ -20,6 +20,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -29,12 +30,13 @@ import engine
 import factory
 from checkpoint import Checkpoint, CheckpointError
 from config import IMAGENET_RANKS, Config, UsageError, conflicts
-from data import DATASETS
+from data import DATASETS, DatasetError
 from optim import learning_rate
 from utils import distributed, seeds, threads
 from utils.files import BackgroundSaver
 from utils.progress import progress
-from utils.run_dir import EXIT_DIVERGED, EXIT_OK, RunDir, RunInUse, epoch_line, exit_stopped, run_dir_of
+from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotARun, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
+                           run_dir_of)
 from utils.runlog import RunLog, best_line
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop (one all-reduce each)
@@ -81,13 +83,20 @@ def check_continuation(request, resumed, path, run):
     model_best, a copy kept elsewhere) would silently throw epochs away or write beside
     the copy: refused, unless --rewind or --fork says what is meant."""
     if request.mode == FORK:
+        run.check_ours()
         if run.holds_run():
             raise UsageError(f"{run.folder} already holds a run: --fork starts a new run; choose another --save")
         return
+    logged = run.identity()
+    if resumed.run_id and logged and logged != resumed.run_id:
+        raise CheckpointError(f"{path} is a checkpoint of the run {resumed.run!r} with the id {resumed.run_id}, but "
+                              f"{run.log} is the log of the run of that name with the id {logged}: a checkpoint "
+                              f"copied from another run. To go on from it, start a new run with --fork --save NAME")
     if resumed.run != run.name:
         raise CheckpointError(f"{path} is a checkpoint of the run {resumed.run!r}, kept in the folder {run.name!r}: "
                               f"a copy or a renamed folder, whose log would be {run.log}. To go on from it, start "
                               f"a new run with --fork --save NAME")
+    run.check_ours()
     if os.path.abspath(path) == os.path.abspath(run.checkpoint) or request.mode == REWIND:
         return
     latest = (checkpoint.peek(run.checkpoint) or {}).get("epoch")
@@ -103,6 +112,7 @@ def check_continuation(request, resumed, path, run):
 
 
 def refuse_to_start_over(request, run):
+    run.check_ours()  # what a run did not write is never replaced, even with --overwrite
     if run.holds_run() and not request.start_over:
         raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
                          f"start it over with --overwrite, or choose another --save")
@@ -126,7 +136,13 @@ def open_run(request, cfg, on_command_line, device, world):
                               f"{world.size}: resume it with as many (torchrun --nproc_per_node "
                               f"{len(resumed.ranks)}), so that every rank goes on with its own samples")
     if request.mode == FORK:  # a new run: the settings given change those of the file
-        return replace(resumed.config, **{key: getattr(cfg, key) for key in on_command_line}), run, resumed, path
+        forked = replace(resumed.config, **{key: getattr(cfg, key) for key in on_command_line})
+        for problem in forked.contradictions():
+            raise UsageError(f"--fork from {path}: {problem}")
+        if forked.epochs <= resumed.epoch:
+            raise UsageError(f"--fork from {path}, at epoch {resumed.epoch}, with --epochs {forked.epochs}: the new "
+                             f"run would have nothing to train; give --epochs above {resumed.epoch}")
+        return forked, run, resumed, path
     different = conflicts(cfg, resumed.config, on_command_line, sorted(on_command_line))
     if different:
         raise CheckpointError("the checkpoint belongs to another run: " + ", ".join(different) +
@@ -143,10 +159,11 @@ def take_the_folder(request, run, resumed, world, device):
             run.lock()
             if resumed is None:
                 refuse_to_start_over(request, run)  # again, now that no one else can start it
+            run.check_ours()
             run.prepare(start_over=request.start_over and resumed is None)
         except OSError as error:
             failure = UsageError(f"cannot write to {run.folder}: {error.strerror or error}")
-        except (UsageError, RunInUse) as error:
+        except (UsageError, RunInUse, NotARun) as error:
             failure = error
     if distributed.maximum(int(failure is not None), world, device):
         raise failure or UsageError("rank 0 could not start the run (its error says why)")
@@ -194,13 +211,15 @@ class Silent:
         pass
 
 
-def open_log(run, cfg, resumed, path, device, steps, world):
-    """The run's log: new, or cut back to where the checkpoint was written."""
+def open_log(run, run_id, cfg, resumed, path, device, steps, world):
+    """The run's log: new, or cut back to where the checkpoint was written. Its first line
+    names the run and its identity, which the checkpoints carry too."""
     if not world.main:
         return Silent()
+    header = log_header(run.name, run_id, shlex.join(sys.argv))
     if resumed is None or resumed.run != run.name:  # new, or --fork: a new log
         log = RunLog(run.log, cfg.epochs)
-        log.write(f"VISPA run {run.name}: {' '.join(sys.argv)}")
+        log.write(header)
         if resumed is None:
             log.write("Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
             ranks = f"{world.size} ranks x {cfg.virtual_ranks} virtual" if world.several else \
@@ -214,6 +233,8 @@ def open_log(run, cfg, resumed, path, device, steps, world):
     else:
         log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
         log = RunLog(run.log, cfg.epochs, offset=min(resumed.log_offset, log_size))
+        if log_size == 0:  # the log was deleted: a new one, with the run's name and identity
+            log.write(header + f" (the log of epochs 1-{resumed.epoch} is gone)")
         how = (f"Resumed from {path} at epoch {resumed.epoch}/{cfg.epochs}" if os.path.abspath(path) == run.checkpoint
                else f"Rewound to epoch {resumed.epoch}/{cfg.epochs} from {path}")
     if resumed.epoch > 0 and not resumed.has_momenta:
@@ -271,8 +292,25 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
+            if self.holding:
+                self.held = True
+                return
             raise KeyboardInterrupt
         self.signum = signum
+
+    holding = held = False
+
+    @contextmanager
+    def hold(self):
+        """A second Ctrl-C waits until the enclosed steps are all done (an epoch's log
+        line, metrics row and checkpoint go together)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.held:
+            raise KeyboardInterrupt
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -313,6 +351,7 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, resumed and resumed.data_root)
     train_batches, test_batches = factory.batches(cfg, folder, device, world)
+    problem = factory.class_problem(cfg, folder)
     model, opt = factory.build(cfg, device)
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
@@ -329,8 +368,13 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
         restore_rank(resumed.ranks[world.rank], train_batches, ranks, device)
     start = 0 if resumed is None else resumed.epoch
     record = Record() if resumed is None else Record(list(resumed.history), resumed.best_prec1, resumed.best_epoch)
-    run_id = secrets.token_hex(8) if resumed is None or request.mode == FORK else resumed.run_id
-    log = open_log(run, cfg, resumed, path, device, steps, world)
+    run_id = resumed.run_id if resumed is not None and request.mode != FORK and resumed.run_id else \
+        secrets.token_hex(8)
+    log = open_log(run, run_id, cfg, resumed, path, device, steps, world)
+    if problem:
+        log.write(f"Warning: {problem}", echo=False)
+        if world.main:
+            print(f"warning: {problem}", file=sys.stderr)
     if world.main:
         run.write_config(cfg.to_dict())
 
@@ -345,6 +389,13 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                           threads=torch.get_num_threads())
 
     fresh = resumed is None or os.path.abspath(path) != run.checkpoint  # new, forked or rewound
+    if fresh and 0 < record.best_epoch < start:  # the best epoch lies before the starting point
+        kept = best_of_source(run, resumed, path, run_id, cfg) if world.main else None
+        if not distributed.gather(kept, world)[0]:  # rank 0's answer
+            log.write(f"The best epoch {record.best_epoch} has no model_best.pth.tar here to go with it: the best "
+                      f"is counted from the starting epoch {start} on")
+            record.best_prec1, record.best_epoch = record.history[-1]["val_prec1"], start
+            log.set_best(record.best_prec1, record.best_epoch)
     if fresh or record.best_epoch == start > 0:
         state = snapshot(start)
         if world.main and fresh:
@@ -382,14 +433,15 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                 if world.main:
                     print(f"error: {message}", file=sys.stderr)
                 return EXIT_DIVERGED
-            is_best = record.add(epoch, lr_at(epoch * steps - 1), trained, val, mean, time.time() - began)
-            log.write(epoch_line(record.history[-1], cfg.epochs, cfg.L))
-            log.set_best(record.best_prec1, record.best_epoch)
-            state = snapshot(epoch)
-            if world.main:
-                run.write_metrics(record.history)
-                saver.submit([(state.to_file(), run.checkpoint)] +
-                             [(state.without_momenta().to_file(), run.best)] * is_best)
+            with stop.hold():
+                is_best = record.add(epoch, lr_at(epoch * steps - 1), trained, val, mean, time.time() - began)
+                log.write(epoch_line(record.history[-1], cfg.epochs, cfg.L))
+                log.set_best(record.best_prec1, record.best_epoch)
+                state = snapshot(epoch)
+                if world.main:
+                    run.write_metrics(record.history)
+                    saver.submit([(state.to_file(), run.checkpoint)] +
+                                 [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()
         if world.main:
             print(best_line(record.best_prec1, record.best_epoch, cfg.epochs))
@@ -399,12 +451,31 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
             back_to_last_checkpoint(run, log, record)
             log.write(f"Stopped: {error}", echo=False)
         raise
+    except DatasetError as error:  # a damaged image found mid-epoch: the last checkpoint stays
+        saver.wait()
+        log.write(f"Stopped: {error}. The checkpoint of the last complete epoch is {run.checkpoint}; resume with: "
+                  f"{resume_command(request, run, world, folder.path, cfg.dataset)}", echo=False)
+        raise
     finally:
         stop.restore()
         try:
             saver.wait()  # a checkpoint is complete (or its error raised) before the run ends
         finally:
             log.close()
+
+
+def best_of_source(run, resumed, path, run_id, cfg):
+    """Give a forked or rewound run the model_best.pth.tar of its best epoch, which lies
+    before its starting point: the source run's, if it is of that epoch. True if the run
+    has it (a rewound run keeps its own; a fork gets a copy, named as the new run)."""
+    source = run_dir_of(path)
+    fields = checkpoint.peek(source.best)
+    if not fields or fields["epoch"] != resumed.best_epoch or fields["run"] != resumed.run:
+        return False
+    if os.path.abspath(source.best) != os.path.abspath(run.best):
+        best = checkpoint.read(source.best, purpose="forked")
+        checkpoint.write(replace(best, config=cfg, run=run.name, run_id=run_id).to_file(), run.best)
+    return True
 
 
 def rank_state(train_batches, ranks, device):

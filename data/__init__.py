@@ -31,7 +31,9 @@ from .errors import DatasetError
 from .imagenet import MEAN as IMAGENET_MEAN
 from .imagenet import STD as IMAGENET_STD
 from .imagenet import check_imagenet
+from .imagenet import class_problem as imagenet_class_problem
 from .imagenet_loaders import Interleaved, imagenet_batches
+from .tiny_imagenet import class_problem as tiny_imagenet_class_problem
 from .tiny_imagenet import read_tiny_imagenet
 from .torchvision_loader import torchvision_loader
 
@@ -67,12 +69,18 @@ class Dataset:
         """This rank's test batches, for an evaluation."""
         raise NotImplementedError
 
+    def class_problem(self, root):
+        """What is wrong with the classes found in ``root`` against this dataset's (a class
+        folder missing: every later label shifts), or None."""
+        return None
+
 
 @dataclass(frozen=True, kw_only=True)
 class InMemory(Dataset):
     read_split: Callable        # (root, name, split) -> (uint8 images (N, 3, H, W), int64 labels)
     augment: Callable           # the training augmentation on the device: (uint8 batch, generator) -> uint8 batch
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
+    classes_check: Callable = None  # (root, expected) -> what is wrong with the classes found, or None
 
     def read(self, root: str, split: str):
         """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
@@ -104,6 +112,9 @@ class InMemory(Dataset):
         self._check_test_set(labels, root)
         return self.loader(images, labels, cfg.eval_batch_size, False, device, [world.rank], world.size)
 
+    def class_problem(self, root):
+        return self.classes_check(root, self.num_classes) if self.classes_check else None
+
     def _check_test_set(self, labels, root):
         if len(labels) == 0:
             raise DatasetError(f"the test set of {self.name} in {root} has no images (download the dataset again?)")
@@ -134,6 +145,9 @@ class ImageFolders(Dataset):
                                  memory_format=memory_format(device)) for s in shards]
         train = made[0] if len(made) == 1 else Interleaved(made)
         return train, self._test(folders, cfg, world, device, backend, decoder)
+
+    def class_problem(self, root):
+        return imagenet_class_problem(root, self.num_classes)
 
     def test_loader(self, cfg, root, world, device):
         loader = "torchvision" if cfg.loader == "device" else cfg.loader  # an evaluation needs no choice
@@ -178,7 +192,8 @@ DATASETS = {
     "tiny-imagenet": InMemory(name="tiny-imagenet", num_classes=200, image_size=64, mean=(0.4802, 0.4481, 0.3975),
                               std=(0.2770, 0.2691, 0.2821), read_split=read_tiny_imagenet,
                               augment=partial(random_resized_crop_flip, size=64),
-                              reference_augment=_tiny_imagenet_reference_augment),
+                              reference_augment=_tiny_imagenet_reference_augment,
+                              classes_check=tiny_imagenet_class_problem),
     # The authors' ImageNet: read from its JPEG folders (imagenet.py), with the
     # augmentation of their DALI pipelines, by torchvision workers or by DALI.
     "imagenet": ImageFolders(name="imagenet", num_classes=1000, image_size=224, mean=IMAGENET_MEAN,

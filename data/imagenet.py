@@ -44,11 +44,13 @@ batches (48 x 256 + 212).
 """
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import DatasetError
+from .image_folders import check_images, walk
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the normalisation of ImageNet and, by the authors, CIFAR
 NUM_CLASSES = 1000
@@ -60,6 +62,7 @@ CROP_ASPECT = (0.8, 1.25)  # ... and its width / height
 CROP_ATTEMPTS = 100
 DALI_SEED = 12           # the authors' DALI pipelines are seeded 12 + rank
 JPEG_SUFFIXES = (".jpeg", ".jpg")  # compared in lower case
+WNID = re.compile(r"n\d{8}")     # a class of ImageNet (a WordNet id)
 LAYOUT = ("{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, the same class folders "
           "in both (ImageNet needs an account at image-net.org; no script can download it)")
 
@@ -92,7 +95,7 @@ def _scan_split(folder):
         for entry in entries:
             if entry.is_dir():
                 files = []
-                for directory, subdirectories, names in os.walk(entry.path, followlinks=True):
+                for directory, subdirectories, names in walk(entry.path):
                     subdirectories.sort()
                     files.extend(os.path.join(directory, n) for n in sorted(names) if _is_jpeg(n))
                 classes[entry.name] = files
@@ -163,7 +166,28 @@ def check_imagenet(root) -> ImageNetFolders:
     def samples(scan):
         return [(path, index[name]) for name, files in scan[0].items() for path in files]
 
-    return ImageNetFolders(root, classes, samples(scans["train"]), samples(scans["val"]))
+    folders = ImageNetFolders(root, classes, samples(scans["train"]), samples(scans["val"]))
+    check_images([path for path, _ in folders.train + folders.val], "ImageNet images")
+    return folders
+
+
+def class_problem(root, expected=NUM_CLASSES):
+    """The classes missing under ``root``: a wnid (n01440764, ...) in train/ or val/ that
+    is not a folder (a file, a broken link), or None. Labels are the positions of the
+    class folders in sorted order, so every class after a missing one would take the
+    next one's label."""
+    missing = set()
+    for split in ("train", "val"):
+        folder = os.path.join(root, split)
+        if os.path.isdir(folder):
+            with os.scandir(folder) as entries:
+                missing |= {e.name for e in entries if WNID.fullmatch(e.name) and not e.is_dir()}
+    if not missing:
+        return None
+    names = sorted(missing)
+    return (f"ImageNet at {root}: {len(names)} class{'es are' if len(names) > 1 else ' is'} not a folder "
+            f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}), so the classes after it take the labels of "
+            f"others")
 
 
 # ---- the augmentation (torchvision path) -------------------------------------------------------

@@ -37,11 +37,27 @@ class _Images(torch.utils.data.Dataset):
 
         index, entropy = key if self.train else (key, None)
         path, label = self.samples[index]
-        with Image.open(path) as file:
-            image = file.convert("RGB")
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")
+        except Exception as error:  # PIL raises several kinds for a damaged file
+            raise DatasetError(f"{UNREADABLE}{path}: {type(error).__name__}: {error}") from None
         if self.train:
             return train_transform(image, np.random.default_rng(entropy)), label
         return val_transform(image), label
+
+
+UNREADABLE = "cannot decode the image "
+
+
+def _named_failures(loader):
+    """The loader's batches; an image that cannot be decoded in a worker process stops
+    them with a one-line DatasetError naming the file (not the worker's traceback)."""
+    try:
+        yield from loader
+    except DatasetError as error:
+        lines = [line for line in str(error).splitlines() if UNREADABLE in line]
+        raise DatasetError(lines[-1][lines[-1].index(UNREADABLE):] if lines else str(error)) from None
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -113,7 +129,7 @@ class FolderBatches:
         if self.train:
             self._keys.epoch = self.epoch
             self.epoch += 1
-        for images, labels in self._loader:
+        for images, labels in _named_failures(self._loader):
             images = normalize(images.to(self.device, non_blocking=True), MEAN, STD)
             yield (images.contiguous(memory_format=self.memory_format),
                    labels.to(self.device, non_blocking=True))

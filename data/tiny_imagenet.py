@@ -19,20 +19,23 @@ again when they change.
 import concurrent.futures
 import hashlib
 import os
+import re
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
+from utils import files
+
 from .errors import DatasetError
+from .image_folders import walk
 
 FOLDER = "tiny-imagenet-200"
 IMAGE_SIZE = 64
 SPLIT_FOLDERS = {"train": "train", "test": "val", "val": "val"}
 # the files ImageFolder takes for images (torchvision.datasets.folder.IMG_EXTENSIONS)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: with a content digest
 
 
 def cache_path(root: str, split: str) -> str:
@@ -53,17 +56,17 @@ def read_tiny_imagenet(root: str, name: str = "tiny-imagenet", split: str = "tra
     fingerprint = _fingerprint(directory, files)
     path = cache_path(root, split)
 
-    found = _load_cache(path, fingerprint, classes, len(files))
+    labels = torch.tensor(labels, dtype=torch.int64)
+    found = _load_cache(path, fingerprint, classes, labels)
     if found is not None:
         return found
     with _Lock(root):  # runs started together decode once; the others wait, then read the cache
-        found = _load_cache(path, fingerprint, classes, len(files), quiet=True)
+        found = _load_cache(path, fingerprint, classes, labels, quiet=True)
         if found is not None:
             return found
         print(f"{name}: decoding the {len(files)} images of {directory} once; "
               f"they are cached in {path}", file=sys.stderr, flush=True)
         images = _decode(files, desc=f"{name} {SPLIT_FOLDERS[split]}")
-        labels = torch.tensor(labels, dtype=torch.int64)
         _save_cache(path, {"format": CACHE_FORMAT, "fingerprint": fingerprint, "classes": classes,
                            "images": images, "labels": labels})
     return images, labels
@@ -99,6 +102,30 @@ def _classes(root, folder, directory):
     return classes
 
 
+def class_problem(root, expected=200):
+    """The classes missing in train/: those of the dataset's own list (``wnids.txt``,
+    where the zip has it) without a folder, and wnids that are files, not folders; or
+    None. Every class after a missing one would take the next one's label."""
+    folder = os.path.join(root, FOLDER)
+    train = os.path.join(folder, "train")
+    if not os.path.isdir(train):
+        return None  # the reader says what is missing
+    found = _subfolders(train)
+    try:
+        with open(os.path.join(folder, "wnids.txt")) as f:
+            listed = sorted(line.strip() for line in f if line.strip())
+    except OSError:
+        listed = []
+    with os.scandir(train) as entries:
+        not_folders = {e.name for e in entries if re.fullmatch(r"n\d{8}", e.name) and not e.is_dir()}
+    missing = sorted((set(listed) - set(found)) | not_folders)
+    if not missing:
+        return None
+    return (f"tiny-imagenet at {root}: {len(missing)} of its classes have no folder in train/ "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); the classes after a missing one take "
+            f"the labels of others")
+
+
 def _subfolders(directory):
     with os.scandir(directory) as entries:
         return sorted(e.name for e in entries if e.is_dir())
@@ -109,7 +136,7 @@ def _image_files(directory, classes):
     files, labels = [], []
     for label, wnid in enumerate(classes):
         start = len(files)
-        for where, _, names in sorted(os.walk(os.path.join(directory, wnid), followlinks=True)):
+        for where, _, names in sorted(walk(os.path.join(directory, wnid))):
             files.extend(os.path.join(where, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS))
         if len(files) == start:
             raise DatasetError(f"{os.path.join(directory, wnid)} holds no images; delete "
@@ -170,55 +197,41 @@ def _read_image(path):
 
 # ---- the cache -------------------------------------------------------------------------------
 
-def _load_cache(path, fingerprint, classes, count, quiet=False):
-    """(images, labels) from the cache at ``path`` if it was made from these very files,
-    else None (a stale or damaged cache is said so and replaced)."""
+def _load_cache(path, fingerprint, classes, labels, quiet=False):
+    """(images, labels) from the cache at ``path`` if it was made from these very files and
+    is whole, else None (a stale or damaged cache is said so and replaced). Whole: its
+    content digest matches, and it holds uint8 images of the right shape and exactly the
+    ``labels`` that the class folders give (a cache edited by hand, digest and all, with
+    shifted labels is not used either)."""
     if not os.path.exists(path):
         return None
     try:
-        cached = torch.load(path, weights_only=True)
+        cached = files.verify_digest(files.load(path, what="cache"), path, "a cache")
         if cached.get("format") != CACHE_FORMAT or cached.get("fingerprint") != fingerprint \
                 or cached.get("classes") != classes:
             why = "the images changed since it was written"
         else:
-            images, labels = cached["images"], cached["labels"]
-            if images.dtype == torch.uint8 and images.shape == (count, 3, IMAGE_SIZE, IMAGE_SIZE) \
-                    and labels.dtype == torch.int64 and labels.shape == (count,):
+            images, cached_labels = cached.get("images"), cached.get("labels")
+            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 \
+                    and images.shape == (len(labels), 3, IMAGE_SIZE, IMAGE_SIZE) \
+                    and isinstance(cached_labels, torch.Tensor) and torch.equal(cached_labels, labels):
                 return images, labels
             why = "it does not hold what it should"
     except Exception as error:  # a damaged file of any kind: decode again
-        why = f"it cannot be read ({type(error).__name__}: {error})"
+        why = f"it cannot be read ({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})"
     if not quiet:
         print(f"{path}: not used, {why}; decoding the images again", file=sys.stderr, flush=True)
     return None
 
 
 def _save_cache(path, content):
-    """Write the cache atomically (a temporary file renamed into place); a folder that
-    cannot be written only costs the decoding next time."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = None
+    """Write the cache atomically, with its content digest; a folder that cannot be
+    written only costs the decoding next time."""
     try:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                             suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary file, not mkstemp's 0600
-        with os.fdopen(handle, "wb") as f:
-            torch.save(content, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        temporary = None
-    except OSError as error:
-        print(f"{path}: cannot write the cache ({error.strerror or error}); the images will be "
-              f"decoded again next time", file=sys.stderr, flush=True)
-    finally:
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
+        files.save_atomic(files.with_digest(content), path)
+    except files.FileError as error:
+        print(f"{path}: cannot write the cache ({error.reason or error}); the images will be decoded again next time",
+              file=sys.stderr, flush=True)
 
 
 class _Lock:

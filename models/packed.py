@@ -150,7 +150,8 @@ def network_of(obj, device="cpu"):
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise PackedError(f"the exported tensors do not fit {obj['model']}: {error}") from None
+        first = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise PackedError(f"the exported tensors do not fit {obj['model']}: {first}") from None
     return model.to(device).eval()
 
 

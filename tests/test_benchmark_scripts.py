@@ -215,10 +215,10 @@ def test_a_1w1a_script_runs_the_fully_binary_recipe(tmp_path, cifar10_root):
     authors' recipe and trains with its settings (K=4, lr 0.5, weight decay 1e-5)."""
     results = tmp_path / "results"
     result = run_script("benchmark/Benchmark_cifar10_vggsmall_1w1a.sh", GPUS="cpu", SEEDS="3", EPOCHS=1,
-                        WIDTH=8, L=2, BATCH=100, DATA_ROOT=cifar10_root, RESULTS_DIR=results)
+                        WARMUP_EPOCHS=1, WIDTH=8, L=2, BATCH=100, DATA_ROOT=cifar10_root, RESULTS_DIR=results)
     assert result.returncode == 0, result.stdout + result.stderr
     name = ("vgg_small_1w1a_cifar10_seed=3_benchmark_K=4_S=100_L=2_wd=1e-5_lr=0.5_cos_epochs=1"
-            "_width=8_batch=100")
+            "_width=8_batch=100_warmup=1")
     settings = json.load(open(results / name / "config.json"))
     assert (settings["model"], settings["K"], settings["lr"], settings["wd"], settings["width"]) == \
         ("vgg_small", 4, 0.5, 1e-5, 8)

@@ -34,7 +34,7 @@ def test_the_1w1a_recipes_are_the_authors(name, model):
 
 
 def test_the_width_defaults_to_the_papers_network():
-    assert Config(model="vgg_small").width == 128 and Config(model="alexnet_1w1a").width == 96
+    assert Config(model="vgg_small").width == 128 and Config(model="alexnet_1w1a", dataset="imagenet").width == 96
     assert Config(model="vgg_small", width=16).width == 16
 
 

@@ -330,7 +330,7 @@ def test_a_vgg16_of_format_1_evaluates_but_does_not_resume(world, tmp_path):
     """VGG16 computes the same function as before; its draws came from another generator."""
     from config import Config
     torch.manual_seed(0)
-    cfg = Config(model="vgg16", dataset="cifar10", width=4, K=2, L=2, epochs=3, seed=1)
+    cfg = Config(model="vgg16", dataset="cifar10", width=4, K=2, L=2, epochs=3, warmup_epochs=1, seed=1)
     model = build_model("vgg16", 10, 4)
     opt = VISPA(model.parameters(), lr=0.1, K=2)
     ours = {"format": "vispa-checkpoint", "version": 2, "config": cfg.to_dict(), "run": "old", "epoch": 1,

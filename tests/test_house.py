@@ -19,7 +19,7 @@ ALLOWED = {
     "factory": {"checkpoint", "config", "data", "models", "optim", "utils"},
     "training": {"checkpoint", "config", "data", "engine", "factory", "optim", "utils"},
     "run_seeds": {"checkpoint", "config", "utils"},
-    "main": {"config", "data", "engine", "factory", "models", "training", "utils"},
+    "main": {"checkpoint", "config", "data", "engine", "factory", "models", "training", "utils"},
 }
 OURS = set(ALLOWED)
 

@@ -190,7 +190,7 @@ def test_two_runs_started_at_once_with_the_same_name_leave_one_whole_run(cifar10
     loser = read_text(outputs[codes.index(1)]).strip().splitlines()[-1]
     assert re.fullmatch(r"error: .*same (is in use by another run \(process \d+\)|already holds a run).*", loser)
     log = read_text(results / "same.txt")
-    assert log.count("VISPA run same:") == 1
+    assert log.count("VISPA run same (id ") == 1
     assert re.findall(r"^Epoch (\d+)/4", log, re.M) == ["1", "2", "3", "4"]
     assert [row["epoch"] for row in RunDir(str(results), "same").read_metrics()] == [1, 2, 3, 4]
 

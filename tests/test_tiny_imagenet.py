@@ -4,6 +4,7 @@ augmentation on the device against torchvision's RandomResizedCrop + flip."""
 import math
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -154,7 +155,7 @@ def test_a_cache_that_cannot_be_written_costs_only_the_decoding(dataset, monkeyp
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tiny.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # as a folder that cannot be written
     images, labels = read(root, "train")
     assert images.shape == (24, 3, 64, 64)
     assert "cannot write the cache (Permission denied)" in capsys.readouterr().err
@@ -398,7 +399,7 @@ def test_the_recipe_trains_and_its_evaluate_script_reports_the_logged_mean_netwo
     evaluate script on its checkpoint."""
     from helpers import run_main, run_results, run_script
     write_tiny_imagenet(str(tmp_path / "data"), classes=4, per_class=30, val_per_class=10)
-    run = run_main("--recipe", "resnet18_1w32a_tiny-imagenet", "--width", 4, "--epochs", 1, "-b", 40, "-L", 1,
+    run = run_main("--recipe", "resnet18_1w32a_tiny-imagenet", "--width", 4, "--epochs", 1, "--warmup_epochs", 1, "-b", 40, "-L", 1,
                    "--gpus", "cpu", "--seed", 1, "--data_root", tmp_path / "data",
                    "--results_dir", tmp_path / "results", "--save", "tiny")
     assert run.returncode == 0, run.stderr

@@ -8,6 +8,7 @@ M and Z gradients and the real parameters' ones) before every step, and rank 0 w
 the logs and checkpoints. Without torchrun there is one rank, and every operation
 here does nothing.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -31,20 +32,75 @@ class World:
         return self.size > 1
 
 
-def from_environment() -> World:
-    """The World torchrun describes (one rank without it)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+class RankError(Exception):
+    """torchrun's environment does not describe a rank (or the ranks do not meet); the
+    message says what is wrong."""
+
+
+def from_environment(environment=os.environ) -> World:
+    """The World torchrun describes (one rank without it). RankError, one line, for
+    variables that do not make a rank: not whole numbers, RANK missing, RANK outside
+    WORLD_SIZE."""
+    def whole(name, default=None):
+        text = environment.get(name, default)
+        if text is None or not text.strip().isdigit():
+            raise RankError(f"{name}={text!r} is not a whole number" if text is not None else
+                            f"WORLD_SIZE={environment.get('WORLD_SIZE')} is set but {name} is not: start the ranks "
+                            f"with torchrun, which sets both")
+        return int(text)
+
+    if "WORLD_SIZE" not in environment:
         return World()
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    size = whole("WORLD_SIZE")
+    if size < 1:
+        raise RankError(f"WORLD_SIZE={size}: there must be at least one rank")
+    if size == 1:
+        return World()
+    rank, local = whole("RANK"), whole("LOCAL_RANK", "0")
+    if rank >= size:
+        raise RankError(f"RANK={rank} is not one of the WORLD_SIZE={size} ranks (0 to {size - 1})")
+    return World(rank, size, local)
+
+
+def rendezvous_seconds(environment=os.environ) -> float:
+    """How long the ranks wait for each other: at the start, and at every collective
+    operation (VISPA_RENDEZVOUS_SECONDS, default 600)."""
+    try:
+        return max(1.0, float(environment.get("VISPA_RENDEZVOUS_SECONDS", "600")))
+    except ValueError:
+        return 600.0
 
 
 def start(world: World, device: torch.device):
-    """Join the other ranks: NCCL between GPUs, gloo between CPU processes."""
+    """Join the other ranks: NCCL between GPUs, gloo between CPU processes. RankError if
+    they have not all joined within ``rendezvous_seconds``."""
     if world.several and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=world.rank, world_size=world.size,
-                                device_id=device if device.type == "cuda" else None)
+        seconds = rendezvous_seconds()
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+                                    world_size=world.size, timeout=datetime.timedelta(seconds=seconds),
+                                    device_id=device if device.type == "cuda" else None)
+        except Exception as error:  # torch's kinds of rendezvous failure differ by version and store
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RankError(f"rank {world.rank} of {world.size}: the ranks did not all meet within {seconds:g} s "
+                            f"({first[:200]}); start every rank with the same torchrun command "
+                            f"(VISPA_RENDEZVOUS_SECONDS sets the time limit)") from None
+
+
+def agree(value, world: World, what: str):
+    """RankError unless every rank has the same ``value`` (a dict of settings), naming
+    the first setting that differs and its value on each rank."""
+    if not world.several:
+        return
+    values = gather(value, world)
+    for key in value:
+        seen = [v.get(key) for v in values]
+        if any(v != seen[0] for v in seen):
+            where = ", ".join(f"{v!r} on rank {r}" for r, v in enumerate(seen))
+            raise RankError(f"the ranks were started with different {what}: {key} is {where}; start every rank "
+                            f"with the same command")
+    if any(set(v) != set(value) for v in values):
+        raise RankError(f"the ranks were started with different {what}")
 
 
 def finish(world: World):

@@ -25,7 +25,12 @@ DIGEST = "digest"  # the key of the content digest in our files
 
 
 class FileError(Exception):
-    """A file that cannot be written, or read as what it should be; the message says why."""
+    """A file that cannot be written, or read as what it should be; the message says why
+    (``reason``: the operating system's words, where it refused a write)."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason
 
 
 def content_digest(obj) -> str:
@@ -105,7 +110,7 @@ def save_atomic(obj, path: str):
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as error:
         raise FileError(f"could not write {path}: {error.strerror or error}; "
-                        f"the previous file there is unchanged") from None
+                        f"the previous file there is unchanged", error.strerror) from None
     writer = None
     try:
         os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; a checkpoint is not
@@ -123,7 +128,7 @@ def save_atomic(obj, path: str):
         cause = writer.error if writer is not None and writer.error is not None else error
         if isinstance(cause, OSError):
             raise FileError(f"could not write {path}: {cause.strerror or cause}; "
-                            f"the previous file there is unchanged") from None
+                            f"the previous file there is unchanged", cause.strerror) from None
         raise
     _fsync_folder(folder)
 
@@ -183,6 +188,7 @@ class BackgroundSaver:
     def __init__(self, write=save_atomic):
         self._write_one = write
         self._thread = None
+        self._done = threading.Event()
         self._error = None
 
     def submit(self, jobs):
@@ -190,6 +196,7 @@ class BackgroundSaver:
         self.wait()
         snapshot = to_host([obj for obj, _ in jobs])
         paths = [path for _, path in jobs]
+        self._done.clear()
         self._thread = threading.Thread(target=self._write, args=(list(zip(snapshot, paths)),),
                                         name="checkpoint-writer")
         self._thread.start()
@@ -200,14 +207,26 @@ class BackgroundSaver:
                 self._write_one(obj, path)
         except BaseException as error:  # handed to the training thread by wait()
             self._error = error
+        finally:
+            self._done.set()
 
     def wait(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Block until the write in flight has landed, even through Ctrl-C: an interrupt
+        (a second Ctrl-C) is raised once the files are whole. (It waits on an event, not
+        on ``Thread.join``, which an interrupt can leave believing the thread stopped.)"""
+        interrupted = None
+        while self._thread is not None:
+            try:
+                self._done.wait()
+                self._thread.join()
+                self._thread = None
+            except KeyboardInterrupt as error:
+                interrupted = error
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        if interrupted is not None:
+            raise interrupted
 
 
 def _fsync_folder(folder):

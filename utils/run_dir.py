@@ -14,11 +14,14 @@ Exit statuses of main.py: 0 done; 1 an error (one line on stderr); 2 a bad comma
 line; 3 the training diverged; 128 + the signal number after SIGINT / SIGTERM.
 """
 import csv
+import errno
 import fcntl
 import json
 import math
 import os
+import re
 import signal
+import tempfile
 from dataclasses import dataclass
 
 from .runlog import parse_best_line
@@ -69,6 +72,19 @@ class RunInUse(Exception):
     """Another process holds the run's lock."""
 
 
+class NotARun(Exception):
+    """A file where a run would write that this program did not write (a symbolic link,
+    a file of the user's): it is never written through, replaced or removed."""
+
+
+# The first line of every log: what only this program writes, and the run's identity.
+LOG_HEADER = re.compile(r"VISPA run (?P<name>.*?)(?: \(id (?P<id>[0-9a-f]+)\))?: ")
+
+
+def log_header(name: str, run_id: str, command: str) -> str:
+    return f"VISPA run {name} (id {run_id}): {command}"
+
+
 @dataclass
 class RunStatus:
     """Where a run stands, from its files."""
@@ -115,11 +131,65 @@ class RunDir:
         except OSError:
             return False
 
+    def files(self):
+        """The run's own files, where they would be."""
+        return [self.log, self.checkpoint, self.best, self.metrics, self.config, self.console,
+                os.path.join(self.folder, LOCK)]
+
+    def check_ours(self):
+        """NotARun unless every file of the run that exists is one this program wrote: a
+        regular file (not a symbolic link, which a write would follow), the log starting
+        with its header line, metrics.csv with its header, config.json a JSON object, the
+        checkpoints of this program's format. Called before anything is written: even
+        --overwrite replaces only what a run wrote."""
+        for path in self.files():
+            if os.path.islink(path):
+                raise NotARun(f"{path} is a symbolic link: a run never writes through a link it did not make; "
+                              f"remove it, or choose another --save")
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise NotARun(f"{path} is not a file: choose another --save")
+        for path, ours in ((self.log, _is_a_log), (self.metrics, _is_metrics), (self.config, _is_settings),
+                           (self.checkpoint, _is_checkpoint), (self.best, _is_checkpoint)):
+            if os.path.isfile(path) and os.path.getsize(path) and not ours(path):
+                raise NotARun(f"{path} exists and was not written by a run of this program: it is never "
+                              f"replaced, even with --overwrite; move it, or choose another --save")
+
+    def identity(self):
+        """The run id on the first line of the log (None: no log, or one written before
+        runs had an id)."""
+        try:
+            with open(self.log, "rb") as f:
+                first = f.readline(4096).decode("utf-8", errors="replace")
+        except OSError:
+            return None
+        found = LOG_HEADER.match(first)
+        return found.group("id") if found else None
+
+    def in_use(self) -> bool:
+        """Whether a process holds the run's lock now (without taking it)."""
+        try:
+            fd = os.open(os.path.join(self.folder, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def lock(self):
         """Hold the run's lock for the life of this process: a second process that would
         write the same run is refused (RunInUse). The folder is created if need be."""
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise NotARun(f"{os.path.join(self.folder, LOCK)} is a symbolic link: a run never writes "
+                              f"through a link it did not make") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,9 +206,8 @@ class RunDir:
         remove what writes killed midway left (temporary files) and, with ``start_over``,
         the previous run's files."""
         os.makedirs(self.folder, exist_ok=True)
-        probe = os.path.join(self.folder, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=self.folder)
+        os.close(fd)
         os.unlink(probe)
         leftovers = [os.path.join(self.folder, name) for name in os.listdir(self.folder)
                      if name.endswith(".tmp") and (name.startswith((f"{METRICS}.", f"{CONFIG}.")) or
@@ -204,15 +273,44 @@ def _write_csv(f, history):
 
 
 def _write_atomic(path, write):
-    tmp = path + ".tmp"
+    """Write through a new temporary file renamed over ``path`` (which replaces a link at
+    ``path`` rather than writing through it)."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
     try:
-        with open(tmp, "w", newline="") as f:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", newline="") as f:
             write(f)
         os.replace(tmp, path)
     except OSError:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _first_line(path):
+    with open(path, "rb") as f:
+        return f.readline(4096).decode("utf-8", errors="replace")
+
+
+def _is_a_log(path):
+    return LOG_HEADER.match(_first_line(path)) is not None
+
+
+def _is_metrics(path):
+    return _first_line(path).strip() == ",".join(CSV_FIELDS)
+
+
+def _is_settings(path):
+    try:
+        with open(path) as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_checkpoint(path):
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"  # torch's zip format; what it holds is checked when it is read
 
 
 def _last_line(path):

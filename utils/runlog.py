@@ -35,7 +35,9 @@ class RunLog:
         self.total_epochs = total_epochs
         self.echo = echo
         self.best = (0.0, 0)
-        self.file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+        # O_NOFOLLOW: never write through a symbolic link (the run folder's check refuses
+        # one before the run starts; this closes the moment in between)
+        self.file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+b")
         self.file.truncate(offset)
         self.offset = offset
         self._write_best()

@@ -15,6 +15,7 @@ epoch yet is listed, not counted. A run whose files cannot be read is named as
 such, and the others are summarised all the same.
 """
 import argparse
+import json
 import os
 import re
 import statistics
@@ -57,18 +58,43 @@ def seed_of(run: str) -> str:
     return found.group(0) if found else run
 
 
+def settings_of(run: RunDir):
+    """The run's settings from its config.json, without the seed (what makes runs of one
+    configuration), or None for a run without one."""
+    try:
+        with open(run.config) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in settings.items() if k != "seed"} if isinstance(settings, dict) else None
+
+
 def collect(results_dir: str):
     """{configuration: [RunStatus, ...]} of the run folders in ``results_dir``, and the
-    names of those whose files cannot be read."""
-    groups, unreadable = {}, []
+    names of those whose files cannot be read. A configuration is the runs whose names
+    differ only in the seed and whose config.json agree but for the seed; runs of one
+    name and other settings (another model, dataset, K, ...) are another configuration,
+    named with the settings in which it differs."""
+    found, unreadable = {}, []
     for name in sorted(os.listdir(results_dir)):
         if not os.path.isfile(os.path.join(results_dir, name, METRICS)):
             continue
-        status = RunDir(results_dir, name).status()
+        run = RunDir(results_dir, name)
+        status = run.status()
         if status is None:
             unreadable.append(name)
-        else:
-            groups.setdefault(configuration(name), []).append(status)
+            continue
+        settings = settings_of(run)
+        key = (configuration(name), json.dumps(settings, sort_keys=True))
+        found.setdefault(key, (settings, []))[1].append(status)
+    groups = {}
+    for (label, _), (settings, runs) in found.items():
+        others = [s for (other, _), (s, _) in found.items() if other == label and s != settings]
+        if others:  # one name, several configurations: say what tells this one apart
+            differ = sorted({k for other in others for k in set(settings or {}) | set(other or {})
+                             if (settings or {}).get(k) != (other or {}).get(k)})
+            label += " [" + ", ".join(f"{k}={(settings or {}).get(k)}" for k in differ) + "]"
+        groups[label] = runs
     return groups, unreadable
 
 
@@ -76,7 +102,7 @@ def report(groups) -> str:
     lines = []
     for config, runs in sorted(groups.items()):
         values = [run.best_prec1 for run in runs if run.epoch > 0]
-        lines.append(config)
+        lines.append(config if config.isprintable() else repr(config))  # a newline in a name is not a new line
         if values:
             lines.append(f"    n={len(values)}  best top-1 {paper_format(values)}  "
                          f"min {min(values):.2f}  max {max(values):.2f}")
