@@ -19,6 +19,8 @@ Versions:
 - 2: the authors' stem; VISPA's own generator of draws; a content digest.
 - 3: the run's identity (``run_id``, also on the first line of its log) and the CPU
   thread count it computes with; the evaluation draws are seeded by the epoch.
+- 4: the metrics of every epoch hold the calibration of the predictive and of the mean
+  network (NLL, ECE, Brier); rows of older files have None there.
 """
 import math
 from dataclasses import dataclass, replace
@@ -28,10 +30,10 @@ import torch
 from config import Config
 from utils import files
 from utils.files import FileError
-from utils.run_dir import CSV_FIELDS, valid_run_name
+from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, valid_run_name
 
 FORMAT = "vispa-checkpoint"
-VERSION = 3
+VERSION = 4
 
 
 class CheckpointError(FileError):
@@ -139,6 +141,9 @@ def _migrated(obj, version, path, purpose):
         name = settings.get("save") if isinstance(settings, dict) else None
         obj.update(run=name if isinstance(name, str) and valid_run_name(name) else "format-1",
                    best_prec1=0.0, best_epoch=0, history=None, ranks=[{}], log_offset=0)
+    if version <= 3 and isinstance(obj.get("history"), list):  # rows from before the calibration
+        obj["history"] = [dict({key: None for key in CALIBRATION_FIELDS}, **row) if isinstance(row, dict) else row
+                          for row in obj["history"]]
     if version <= 2:  # no identity, no thread count; the evaluation draws were a generator's state
         obj.setdefault("run_id", None)
         obj.setdefault("threads", None)
@@ -212,7 +217,8 @@ def _check_history(history, epoch, bad):
     for i, row in enumerate(history, 1):
         if not isinstance(row, dict) or set(row) != set(CSV_FIELDS):
             raise bad(f"row {i} of its metrics does not have the columns {', '.join(CSV_FIELDS)}")
-        if row["epoch"] != i or not all(_is_number(v) and math.isfinite(v) for v in row.values()):
+        if row["epoch"] != i or not all(_is_number(v) or (v is None and k in CALIBRATION_FIELDS)
+                                        for k, v in row.items()):
             raise bad(f"row {i} of its metrics holds {row}")
 
 

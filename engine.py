@@ -19,9 +19,10 @@ those of rank 0. The N ranks may be N processes (torchrun: ``average`` all-reduc
 the gradients), N virtual ranks of one process (one batch each, in turn, then
 VISPA's average over the samples it collected), or both.
 """
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,60 +111,98 @@ def _running_statistics_kept(model, kept):
                 buffer.copy_(value)
 
 
+class Prediction(NamedTuple):
+    """What L sampled networks say of a batch."""
+    logits: torch.Tensor            # (B, C) the L passes' logits averaged: the released code's accuracy
+    loss: torch.Tensor              # the mean of the L per-pass losses (the released code's loss)
+    log_probs: torch.Tensor         # (B, C) log of the predictive, the mean of the L softmaxes
+    expected_entropy: torch.Tensor  # (B,) the mean over the passes of each pass's entropy
+
+
 @torch.no_grad()
-def predict(model, opt, images, labels, L, bf16=False):
+def predict(model, opt, images, labels, L, bf16=False) -> Prediction:
     """The released code's protocol for one batch: L passes, each on a fresh sample of
-    every binary tensor. Returns the averaged logits and the mean of the L per-pass
-    losses. The part before the first binary layer (``model.stem``) does not depend
-    on the draws and is computed once."""
+    every binary tensor; and the predictive distribution of the L networks. The part
+    before the first binary layer (``model.stem``) does not depend on the draws and is
+    computed once. ``labels`` None: no loss (images of another dataset)."""
     device = images.device
     with autocast(device, bf16):
         features = model.stem(images)
-    logits_sum, loss_sum = 0.0, 0.0
+    logits_sum, loss_sum, log_probs, entropy_sum = 0.0, 0.0, None, 0.0
     for _ in range(L):
         with opt.sampled_params(), autocast(device, bf16):
             logits = full_precision(model.body(features))
         logits_sum = logits_sum + logits
-        loss_sum = loss_sum + F.cross_entropy(logits, labels)
-    return logits_sum / L, loss_sum / L
+        log_p = F.log_softmax(logits, dim=1)
+        if labels is not None:
+            loss_sum = loss_sum + F.nll_loss(log_p, labels)  # F.cross_entropy, its log-softmax kept
+        log_probs = log_p if log_probs is None else torch.logaddexp(log_probs, log_p)
+        entropy_sum = entropy_sum + _entropy(log_p)
+    return Prediction(logits_sum / L, loss_sum / L, log_probs - math.log(L), entropy_sum / L)
+
+
+def _entropy(log_probs):
+    """The entropy of each row's distribution, in nats (0 log 0 = 0)."""
+    return -(log_probs.exp() * log_probs).nan_to_num(0.0).sum(1)
 
 
 @torch.no_grad()
-def evaluate(model, opt, batches, L, bf16=False, total=None) -> dict:
+def evaluate(model, opt, batches, L, bf16=False, total=None, keep=False) -> dict:
     """Loss, top-1 and top-5 of the L-sample protocol (``predict``) over ``batches``,
-    BatchNorm on its running statistics. ``total`` sums the counts over the processes
-    (each evaluates its shard)."""
-    return _evaluated(model, batches, lambda images, labels: predict(model, opt, images, labels, L, bf16), total)
+    BatchNorm on its running statistics, and the calibration of the predictive
+    distribution (NLL, ECE, Brier: ``utils.meters``). ``total`` sums the counts over the
+    processes (each evaluates its shard). ``keep``: also this process's per-image
+    ``probs`` (the predictive), ``logits`` (averaged), ``labels``, ``image_nll`` (-log of the
+    label's probability), ``entropy`` (of the predictive) and ``mutual_information`` (between the prediction and the weights: the
+    entropy of the predictive minus the mean entropy of the L networks), as CPU tensors."""
+    def forward(images, labels):
+        p = predict(model, opt, images, labels, L, bf16)
+        entropy = _entropy(p.log_probs)
+        return p.logits, p.loss, p.log_probs, {"logits": p.logits.float(), "entropy": entropy,
+                                                "mutual_information": entropy - p.expected_entropy}
+    return _evaluated(model, batches, forward, total, keep)
 
 
 @torch.no_grad()
-def evaluate_mean(model, opt, batches, bf16=False, total=None) -> dict:
+def evaluate_mean(model, opt, batches, bf16=False, total=None, keep=False) -> dict:
     """The same for the deterministic network b = sign(M): the one binary network to deploy."""
     with opt.mean_params():
-        return evaluate_deterministic(model, batches, bf16, total)
+        return evaluate_deterministic(model, batches, bf16, total, keep)
 
 
 @torch.no_grad()
-def evaluate_deterministic(model, batches, bf16=False, total=None) -> dict:
-    """Loss, top-1 and top-5 of a network as it is (an exported one, say)."""
+def evaluate_deterministic(model, batches, bf16=False, total=None, keep=False) -> dict:
+    """Loss, top-1, top-5 and calibration of a network as it is (an exported one, say);
+    ``keep``: its per-image ``probs``, ``labels``, ``image_nll`` and ``max_prob``."""
     def forward(images, labels):
         with autocast(images.device, bf16):
             logits = full_precision(model(images))
-        return logits, F.cross_entropy(logits, labels)
-    return _evaluated(model, batches, forward, total)
+        log_probs = F.log_softmax(logits, dim=1)
+        return logits, F.nll_loss(log_probs, labels), log_probs, {"max_prob": log_probs.max(1).values.exp()}
+    return _evaluated(model, batches, forward, total, keep)
 
 
-def _evaluated(model, batches, forward, total):
-    """The meter of ``forward(images, labels) -> (logits, mean loss)`` over ``batches``."""
+def _evaluated(model, batches, forward, total, keep):
+    """The meter of ``forward(images, labels) -> (logits, mean loss, log-probabilities,
+    per-image scores)`` over ``batches``; with ``keep``, the per-image outputs too
+    (gathered on the device, moved to the host once)."""
     device = _device(model)
     model.eval()
     meter = Accumulator(device)
+    kept = []
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        logits, loss = forward(images, labels)
-        meter.add(loss, logits, labels)
-    return meter.result(total)
+        logits, loss, log_probs, scores = forward(images, labels)
+        meter.add(loss, logits, labels, log_probs)
+        if keep:
+            nll = -log_probs.gather(1, labels.view(-1, 1)).view(-1).double()  # in log space: no underflow
+            kept.append(dict(scores, probs=log_probs.exp().float(), labels=labels, image_nll=nll))
+    result = meter.result(total)
+    if keep:
+        for key in (kept[0] if kept else {}):
+            result[key] = torch.cat([k[key] for k in kept]).cpu()
+    return result
 
 
 @torch.no_grad()

@@ -29,17 +29,14 @@ import sys
 
 import torch
 
-import checkpoint
-import engine
-import factory
 from config import DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line
-from data import DatasetError
-from models import packed
+from data import DATASETS, DatasetError
+from evaluation import evaluate_file, export_file
 from training import FORK, NEW, RESUME, REWIND, Request, train
 from utils import distributed, threads
 from utils.files import FileError
-from utils.progress import progress
-from utils.run_dir import EXIT_ERROR, EXIT_OK, NotARun, RunDir, RunInUse, exit_stopped, valid_run_name
+from utils.tensorboard import Unavailable
+from utils.run_dir import EXIT_ERROR, NotARun, RunInUse, exit_stopped, valid_run_name
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -80,6 +77,18 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
       help="export the mean network sign(M) of a checkpoint (ours, or the authors' with --model/--dataset) "
            "to --out: binary weights packed 8 per byte, the rest float32; then exit")
     a("--out", metavar="FILE", default=None, help="where --export writes the network (e.g. model.bnn)")
+    a("--predictions", metavar="FILE", default=None,
+      help="with --evaluate: write the per-image probabilities of the L-sample predictive ('probs', N x C), of "
+           "the mean network ('mean_probs'), the 'labels' and the averaged 'logits' to FILE "
+           "(torch.load(FILE, weights_only=True))")
+    a("--ood", metavar="DATASET", choices=sorted(DATASETS), default=None,
+      help="with --evaluate: tell the test set of the network's dataset from that of DATASET (e.g. cifar10 "
+           "against cifar100) by the predictive entropy, the mutual information and the mean network's maximum "
+           "probability: AUROC and FPR at 95%% TPR")
+    a("--ood_data_root", metavar="DIR", default=None, help="where --ood's dataset is (default: its usual folder)")
+    a("--tensorboard", action="store_true",
+      help="also write every column of metrics.csv as a TensorBoard scalar to results/<save>/tb/ (needs the "
+           "tensorboard package; a resumed run goes on writing there)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run from its latest checkpoint: the run folder, its checkpoint.pth.tar, or "
            "nothing for the folder of --save")
@@ -141,13 +150,21 @@ def check_combinations(args):
         raise UsageError("--rewind and --fork exclude each other: go back in the same run, or start a new one")
     if args.fork and args.save is None:
         raise UsageError("--fork needs --save NAME, the name of the new run")
+    if (args.predictions or args.ood or args.ood_data_root) and args.evaluate is None:
+        raise UsageError("--predictions, --ood and --ood_data_root go with --evaluate FILE")
+    if args.ood_data_root and not args.ood:
+        raise UsageError("--ood_data_root goes with --ood DATASET")
+    if args.tensorboard and (args.evaluate is not None or args.export is not None):
+        raise UsageError("--tensorboard writes a training run's metrics: it goes with training, not --evaluate "
+                         "or --export")
 
 
 def run_request(args) -> Request:
     """What the command line asks of a training run, decided once."""
     mode = FORK if args.fork else REWIND if args.rewind else RESUME if args.resume is not None else NEW
     return Request(mode, name=args.save, results_dir=args.results_dir, source=args.resume or None,
-                   start_over=args.overwrite, data_root=args.data_root, gpus=args.gpus, threads=args.threads)
+                   start_over=args.overwrite, data_root=args.data_root, gpus=args.gpus, threads=args.threads,
+                   tensorboard=args.tensorboard)
 
 
 DEMO = Config(model="resnet18", dataset="cifar10", width=12, epochs=6, batch_size=64,
@@ -189,87 +206,6 @@ def select_device(gpus, world):
     return torch.device("cuda", index)
 
 
-# ---- evaluating and exporting a file ---------------------------------------------------------------
-
-def evaluate_file(args, cfg, on_command_line, device, world):
-    """``--evaluate``: print the L-sample and mean-network results of a checkpoint, or the
-    results of an exported network. With torchrun the ranks share the test set."""
-    if factory.is_exported(args.evaluate):
-        return evaluate_exported(args, cfg, on_command_line, device, world)
-    loaded = factory.load_network(args.evaluate, cfg, on_command_line, device)
-    cfg = loaded.cfg
-    folder = factory.DataFolder.of(args.data_root, cfg.dataset, loaded.trained_on)
-    test = factory.test_batches(cfg, folder, device, world)
-    problem = factory.class_problem(cfg, folder)
-    if problem and loaded.released:
-        raise DatasetError(f"{problem}: the released network's classes are the full dataset's")
-    if problem and world.main:
-        print(f"warning: {problem}", file=sys.stderr)
-    factory.evaluation_draws(loaded.opt, cfg, loaded.epoch, world.rank)
-    total = distributed.summing(world)
-    val = engine.evaluate(loaded.model, loaded.opt, progress(test, f"eval L={cfg.L}"), cfg.L, cfg.bf16, total)
-    mean = engine.evaluate_mean(loaded.model, loaded.opt, test, cfg.bf16, total)
-    if world.main:
-        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {loaded.source})")
-        print(loaded.note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
-              f"(L={cfg.L})  |  mean network Prec@1 {mean['prec1']:.2f}")
-    return EXIT_OK
-
-
-def evaluate_exported(args, cfg, on_command_line, device, world):
-    """``--evaluate OUT.bnn``: the exported network's loss and accuracy on the test set."""
-    model, cfg, source = factory.load_exported(args.evaluate, cfg, on_command_line, device)
-    test = factory.test_batches(cfg, factory.DataFolder.of(args.data_root, cfg.dataset), device, world)
-    result = engine.evaluate_deterministic(model, test, False, distributed.summing(world))
-    if world.main:
-        print(f"Evaluated {args.evaluate} ({cfg.model}, {cfg.dataset}; the exported network sign(M) of {source})")
-        print(f"Test: loss {result['loss']:.4f}  Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
-              f"(the mean network sign(M))")
-    return EXIT_OK
-
-
-def check_export_target(source, out, overwrite):
-    """--out may be a new file, or with --overwrite an exported network: never the file
-    exported, a link, a file of a run (its checkpoints, metrics, settings, lock or log),
-    nor anything in the folder of a run that is being trained."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {out}: the folder {folder} does not exist")
-    if os.path.islink(out):
-        raise UsageError(f"{out} is a symbolic link: --out is never written through a link")
-    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
-        raise UsageError(f"--out {out} is the checkpoint being exported: choose another --out")
-    holder = RunDir(os.path.dirname(folder), os.path.basename(folder))
-    log_of = RunDir(folder, os.path.basename(out)[:-len(".txt")]) if out.endswith(".txt") else None
-    if (os.path.abspath(out) in map(os.path.abspath, holder.files()) and holder.holds_run()) or \
-            (log_of is not None and log_of.holds_run()):
-        raise UsageError(f"{out} is a file of a run: choose another --out")
-    if holder.in_use():
-        raise UsageError(f"{folder} is the folder of a run being trained now: write --out elsewhere, or wait")
-    if os.path.exists(out):
-        if not overwrite:
-            raise UsageError(f"{out} exists: choose another --out, or add --overwrite to replace it")
-        fields = checkpoint.peek(out)
-        if fields is None or fields["format"] != packed.FORMAT:
-            raise UsageError(f"{out} exists and is not an exported network: --overwrite replaces only those")
-
-
-def export_file(args, cfg, on_command_line):
-    """``--export FILE --out OUT``: the mean network sign(M) of a checkpoint, packed."""
-    check_export_target(args.export, args.out, args.overwrite)
-    loaded = factory.load_network(args.export, cfg, on_command_line, torch.device("cpu"))
-    cfg = loaded.cfg
-    packed.save(factory.exported_network(loaded, f"{args.export} ({loaded.source})"), args.out)
-    size = os.path.getsize(args.out)
-    full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
-               for t in loaded.model.state_dict().values())
-    bits = sum(p.numel() for p in loaded.model.parameters() if getattr(p, "binary", False))
-    print(f"Exported the mean network sign(M) of {args.export} ({cfg.model}, {cfg.dataset}; {loaded.source}) to "
-          f"{args.out}: {size / 1e6:.2f} MB, 1/{full / size:.1f} of its float32 state_dict ({full / 1e6:.1f} MB); "
-          f"{bits / 1e6:.2f} M binary weights in {bits / 8e6:.2f} MB of bits")
-    return EXIT_OK
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, cfg, on_command_line = parse_args(argv)
@@ -294,7 +230,7 @@ def main(argv=None):
             return train(run_request(args), cfg, on_command_line, device, world)
         finally:
             distributed.finish(world)
-    except (UsageError, DatasetError, FileError, RunInUse, NotARun, distributed.RankError) as error:
+    except (UsageError, DatasetError, FileError, RunInUse, NotARun, distributed.RankError, Unavailable) as error:
         print(f"error: {error}" + (f" (rank {world.rank})" if world.several else ""), file=sys.stderr)
         return EXIT_ERROR
     except (MemoryError, torch.cuda.OutOfMemoryError) as error:

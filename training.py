@@ -32,7 +32,7 @@ from checkpoint import Checkpoint, CheckpointError
 from config import IMAGENET_RANKS, Config, UsageError, conflicts
 from data import DATASETS, DatasetError
 from optim import learning_rate
-from utils import distributed, seeds, threads
+from utils import distributed, seeds, tensorboard, threads
 from utils.files import BackgroundSaver
 from utils.progress import progress
 from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotARun, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
@@ -60,6 +60,7 @@ class Request:
     data_root: str = None
     gpus: str = None             # for the command line that resumes the run
     threads: int = None          # typed on the command line
+    tensorboard: bool = False    # also write the metrics as TensorBoard scalars
 
 
 # ---- which run, from which file ----------------------------------------------------------------
@@ -186,8 +187,9 @@ class Record:
         self.history.append({
             "epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_prec1": trained["prec1"],
             "train_prec5": trained["prec5"], "val_loss": val["loss"], "val_prec1": val["prec1"],
-            "val_prec5": val["prec5"], "mean_prec1": mean["prec1"], "best_prec1": self.best_prec1,
-            "best_epoch": self.best_epoch, "seconds": seconds})
+            "val_prec5": val["prec5"], "val_nll": val["nll"], "val_ece": val["ece"], "val_brier": val["brier"],
+            "mean_prec1": mean["prec1"], "mean_nll": mean["nll"], "mean_ece": mean["ece"], "mean_brier": mean["brier"],
+            "best_prec1": self.best_prec1, "best_epoch": self.best_epoch, "seconds": seconds})
         return is_best
 
     def back_to(self, epoch):
@@ -362,7 +364,11 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     steps = len(train_batches) // len(shards)
     peak = peak_lr(cfg, world)
     lr_at = lambda it: learning_rate(it, peak, cfg.warmup_epochs * steps, cfg.epochs * steps, cfg.lr_decay)
+    wants_events = world.main and (request.tensorboard or os.path.isdir(run.tensorboard))
+    if wants_events:
+        tensorboard.check()  # before anything is written
     take_the_folder(request, run, resumed, world, device)
+    events = tensorboard.writer(run.tensorboard) if wants_events else None
 
     if resumed is not None:
         restore_rank(resumed.ranks[world.rank], train_batches, ranks, device)
@@ -440,6 +446,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                 state = snapshot(epoch)
                 if world.main:
                     run.write_metrics(record.history)
+                    if events is not None:
+                        tensorboard.write_row(events, record.history[-1])
                     saver.submit([(state.to_file(), run.checkpoint)] +
                                  [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()

@@ -169,9 +169,9 @@ def test_evaluation_with_stem_reuse_and_large_batches_equals_plain_small_batch_p
     opt.generator.set_state(draws)
     expected_logits, expected_losses = plain()
     assert len(got) == len(expected_logits) == 2
-    for (logits, loss), want, want_loss in zip(got, expected_logits, expected_losses):
-        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
-        assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    for prediction, want, want_loss in zip(got, expected_logits, expected_losses):
+        torch.testing.assert_close(prediction.logits, want, rtol=1e-4, atol=1e-4)
+        assert prediction.loss.item() == pytest.approx(want_loss, rel=1e-5)
     everything = torch.cat(expected_logits)
     assert result["prec1"] == pytest.approx(100.0 * (everything.argmax(1) == labels).double().mean().item())
     assert result["loss"] == pytest.approx(sum(l * 50 for l in expected_losses) / 100, rel=1e-5)

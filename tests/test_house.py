@@ -19,7 +19,8 @@ ALLOWED = {
     "factory": {"checkpoint", "config", "data", "models", "optim", "utils"},
     "training": {"checkpoint", "config", "data", "engine", "factory", "optim", "utils"},
     "run_seeds": {"checkpoint", "config", "utils"},
-    "main": {"checkpoint", "config", "data", "engine", "factory", "models", "training", "utils"},
+    "evaluation": {"checkpoint", "config", "data", "engine", "factory", "models", "utils"},
+    "main": {"config", "data", "evaluation", "training", "utils"},
 }
 OURS = set(ALLOWED)
 

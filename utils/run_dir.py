@@ -39,16 +39,26 @@ def exit_stopped(signum):
 
 STOPPED = tuple(exit_stopped(s) for s in STOP_SIGNALS)
 
-# The columns of metrics.csv and how each number is written there (and in the log).
+# The columns of metrics.csv and how each number is written there (and in the log). The
+# calibration of the L-sample predictive ("val_") and of the mean network ("mean_"): NLL,
+# ECE in percent, Brier (utils/meters.py); empty in the rows of runs from before them.
 CSV_FORMATS = {"epoch": "{}", "lr": "{:.6f}", "train_loss": "{:.4f}", "train_prec1": "{:.2f}",
                "train_prec5": "{:.2f}", "val_loss": "{:.4f}", "val_prec1": "{:.2f}", "val_prec5": "{:.2f}",
-               "mean_prec1": "{:.2f}", "best_prec1": "{:.2f}", "best_epoch": "{}", "seconds": "{:.1f}"}
+               "val_nll": "{:.4f}", "val_ece": "{:.2f}", "val_brier": "{:.4f}",
+               "mean_prec1": "{:.2f}", "mean_nll": "{:.4f}", "mean_ece": "{:.2f}", "mean_brier": "{:.4f}",
+               "best_prec1": "{:.2f}", "best_epoch": "{}", "seconds": "{:.1f}"}
 CSV_FIELDS = tuple(CSV_FORMATS)
+CALIBRATION_FIELDS = ("val_nll", "val_ece", "val_brier", "mean_nll", "mean_ece", "mean_brier")
 
 
 def formatted(row: dict) -> dict:
     """A history row (numbers) as metrics.csv and the log write it."""
-    return {key: fmt.format(row[key]) for key, fmt in CSV_FORMATS.items()}
+    return {key: "" if row.get(key) is None else fmt.format(row[key]) for key, fmt in CSV_FORMATS.items()}
+
+
+def calibration(nll, ece, brier) -> str:
+    """``NLL 0.1234  ECE 1.23  Brier 0.0123``: how the log and --evaluate print them."""
+    return f"NLL {nll:.4f}  ECE {ece:.2f}  Brier {brier:.4f}"
 
 
 def epoch_line(row: dict, epochs: int, L: int) -> str:
@@ -56,9 +66,10 @@ def epoch_line(row: dict, epochs: int, L: int) -> str:
     r = formatted(row)
     return (f"Epoch {r['epoch']}/{epochs}  lr {r['lr']}  "
             f"train loss {r['train_loss']} Prec@1 {r['train_prec1']} Prec@5 {r['train_prec5']}  |  "
-            f"val loss {r['val_loss']} Prec@1 {r['val_prec1']} Prec@5 {r['val_prec5']} (L={L})  |  "
-            f"mean-net Prec@1 {r['mean_prec1']}  |  best {r['best_prec1']} (epoch {r['best_epoch']})  |  "
-            f"{r['seconds']} s")
+            f"val loss {r['val_loss']} Prec@1 {r['val_prec1']} Prec@5 {r['val_prec5']} (L={L}) "
+            f"{calibration(row['val_nll'], row['val_ece'], row['val_brier'])}  |  "
+            f"mean-net Prec@1 {r['mean_prec1']} {calibration(row['mean_nll'], row['mean_ece'], row['mean_brier'])}  |  "
+            f"best {r['best_prec1']} (epoch {r['best_epoch']})  |  {r['seconds']} s")
 
 
 def valid_run_name(name: str) -> bool:
@@ -112,6 +123,7 @@ class RunDir:
         self.metrics = os.path.join(self.folder, METRICS)
         self.config = os.path.join(self.folder, CONFIG)
         self.console = os.path.join(self.folder, CONSOLE)
+        self.tensorboard = os.path.join(self.folder, "tb")  # --tensorboard's event files
 
     def holds_run(self) -> bool:
         """A folder holds a run once it has a checkpoint, a row of metrics or a logged
@@ -227,10 +239,13 @@ class RunDir:
     def read_metrics(self) -> list:
         """The rows of metrics.csv with numbers for numbers; ValueError for a value that
         is not a finite number, or a column that is missing."""
+        def number(row, key, fmt):
+            if key in CALIBRATION_FIELDS and not row.get(key):  # a run from before them
+                return None
+            return int(row[key]) if fmt == "{}" else float(row[key])
         with open(self.metrics, newline="") as f:
-            rows = [{key: (int(row[key]) if fmt == "{}" else float(row[key])) for key, fmt in CSV_FORMATS.items()}
-                    for row in csv.DictReader(f)]
-        if not all(math.isfinite(value) for row in rows for value in row.values()):
+            rows = [{key: number(row, key, fmt) for key, fmt in CSV_FORMATS.items()} for row in csv.DictReader(f)]
+        if not all(math.isfinite(value) for row in rows for value in row.values() if value is not None):
             raise ValueError(f"{self.metrics} holds a value that is not a finite number")
         return rows
 
@@ -297,7 +312,7 @@ def _is_a_log(path):
 
 
 def _is_metrics(path):
-    return _first_line(path).strip() == ",".join(CSV_FIELDS)
+    return _first_line(path).startswith("epoch,lr,train_loss,")  # this version's columns, or an older one's
 
 
 def _is_settings(path):
