@@ -141,6 +141,9 @@ def report_ood(name, cfg, val, mean, far, far_mean, world):
           f"test set ({len(far['entropy'])} images, out)")
     print(f"  {'score':<40}{'AUROC':>8}{'FPR@95%TPR':>12}")
     for label, inside, outside in rows:
+        if cfg.K == 0 and label.startswith("mutual"):  # L copies of one network: zero, up to rounding
+            print(f"  {label:<40}{'n/a':>8}{'n/a':>12}   (K = 0: one network, no mutual information)")
+            continue
         print(f"  {label:<40}{auroc(inside, outside):>8.2f}{fpr_at_tpr(inside, outside):>12.2f}")
 
 

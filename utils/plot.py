@@ -102,8 +102,9 @@ def draw(groups, out, predictions=None):
                     name = label + (f" {key.split('_')[0]}" if len(keys) > 1 else "") + \
                         (f" (n={len(runs)})" if len(runs) > 1 else "")
                     line, = ax.plot(epochs, mean, label=name)
-                    ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                    color=line.get_color(), alpha=0.2)
+                    low = [max(m - s, m / 10) if title == "loss" else m - s for m, s in zip(mean, std)]  # log scale
+                    ax.fill_between(epochs, low, [m + s for m, s in zip(mean, std)], color=line.get_color(),
+                                    alpha=0.2)
             ax.set(title=title, xlabel="epoch")
             if title == "loss":
                 ax.set_yscale("log")
