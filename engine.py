@@ -152,9 +152,10 @@ def evaluate(model, opt, batches, L, bf16=False, total=None, keep=False) -> dict
     BatchNorm on its running statistics, and the calibration of the predictive
     distribution (NLL, ECE, Brier: ``utils.meters``). ``total`` sums the counts over the
     processes (each evaluates its shard). ``keep``: also this process's per-image
-    ``probs`` (the predictive), ``logits`` (averaged), ``labels``, ``image_nll`` (-log of the
-    label's probability), ``entropy`` (of the predictive) and ``mutual_information`` (between the prediction and the weights: the
-    entropy of the predictive minus the mean entropy of the L networks), as CPU tensors."""
+    ``probs`` (the predictive), ``logits`` (averaged), ``labels``, ``image_nll`` (-log of
+    the label's probability), ``entropy`` (of the predictive) and ``mutual_information``
+    (between the prediction and the weights: the entropy of the predictive minus the mean
+    entropy of the L networks), as CPU tensors."""
     def forward(images, labels):
         p = predict(model, opt, images, labels, L, bf16)
         entropy = _entropy(p.log_probs)

@@ -61,10 +61,9 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     add_arguments(p, defaults)
     a = p.add_argument
     a("--data_root", default=None,
-      help=f"folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
-           f"train/ and val/) "
-           f"(default: ./datasets, for ImageNet ./datasets/imagenet; with --resume or --evaluate of a checkpoint of ours, the "
-           f"folder the run was trained on)")
+      help="folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
+           "train/ and val/) (default: ./datasets, for ImageNet ./datasets/imagenet; with --resume or --evaluate "
+           "of a checkpoint of ours, the folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
       "(default: <model>_<dataset>_<date>)")

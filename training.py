@@ -20,7 +20,6 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,12 +33,10 @@ from data import DATASETS, DatasetError
 from optim import learning_rate
 from utils import distributed, seeds, tensorboard, threads
 from utils.files import BackgroundSaver
-from utils.progress import progress
+from utils.stop import StopRequest
 from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotARun, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
                            run_dir_of)
 from utils.runlog import RunLog, best_line
-
-STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop (one all-reduce each)
 
 NEW, RESUME, REWIND, FORK = "new", "resume", "rewind", "fork"
 
@@ -276,66 +273,6 @@ def resume_command(request, run, world, data_root, dataset):
     if request.gpus is not None:
         words += ["--gpus", request.gpus]
     return " ".join(shlex.quote(word) for word in words)
-
-
-# ---- stopping ----------------------------------------------------------------------------------
-
-class StopRequest:
-    """SIGINT / SIGTERM set ``signum``; the loops check it and stop cleanly. A second
-    SIGINT interrupts at once. With several ranks, a stop on any of them stops them all
-    at the same step: they agree every STOP_CHECK_EVERY training steps, and once more
-    after each evaluation."""
-
-    def __init__(self, world, device):
-        self.world, self.device = world, device
-        self.signum = None   # this process's signal
-        self.agreed = None   # the signal the ranks stop for
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            if self.holding:
-                self.held = True
-                return
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    holding = held = False
-
-    @contextmanager
-    def hold(self):
-        """A second Ctrl-C waits until the enclosed steps are all done (an epoch's log
-        line, metrics row and checkpoint go together)."""
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        if self.held:
-            raise KeyboardInterrupt
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def agree(self):
-        """Whether any rank was asked to stop; the same answer on every rank (a collective
-        call: every rank makes it at the same point)."""
-        if self.agreed is None:
-            self.agreed = distributed.maximum(self.signum or 0, self.world, self.device) or None
-        return self.agreed is not None
-
-    def watch(self, batches, description, collective=True):
-        """The batches with their progress shown, ending early once the ranks agree to stop.
-        ``collective=False`` (the evaluation, whose shards may differ in length by a
-        batch): this rank stops on its own signal, and ``agree`` follows."""
-        every = STOP_CHECK_EVERY if self.world.several else 1
-        for i, batch in enumerate(progress(batches, description)):
-            if collective and i % every == 0 and self.agree():
-                return
-            if not collective and (self.signum is not None or self.agreed is not None):
-                return
-            yield batch
 
 
 # ---- the run ----------------------------------------------------------------------------------

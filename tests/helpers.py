@@ -347,9 +347,9 @@ def folder_digest(*folders):
     """sha256 of every file under ``folders``, and which files and folders exist."""
     digest = {}
     for folder in folders:
-        for base, subfolders, files in os.walk(folder):
+        for base, subfolders, names in os.walk(folder):
             digest.update({os.path.join(base, name): "folder" for name in subfolders})
-            for name in files:
+            for name in names:
                 path = os.path.join(base, name)
                 with open(path, "rb") as f:
                     digest[path] = hashlib.sha256(f.read()).hexdigest()

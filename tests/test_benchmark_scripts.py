@@ -140,7 +140,7 @@ def test_one_failed_run_is_named(tmp_path, data_root):
     result = benchmark("resnet18", results, data_root, GPUS="cpu 99", SEEDS="8 9", EPOCHS=1)
     assert result.returncode == 1
     failed = tiny_name("resnet18", 9, epochs=1)
-    assert f"FAILED: seed 9 (exit status 1), it wrote no log;" in result.stdout
+    assert "FAILED: seed 9 (exit status 1), it wrote no log;" in result.stdout
     assert not os.path.exists(f"{results}/{failed}.txt")
     assert "--gpus 99: no such CUDA device" in result.stdout
     assert "FAILED: seed 8" not in result.stdout

@@ -155,8 +155,9 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
     labels = p["labels"]
     test = re.search(r"Prec@1 (\S+)  Prec@5 (\S+)  \(L=2\)  \|  mean network Prec@1 (\S+)", out.stdout).groups()
     top5 = p["logits"].topk(5, 1).indices.eq(labels.view(-1, 1)).any(1)
-    assert test == (f"{100 * (p['logits'].argmax(1) == labels).double().mean():.2f}", f"{100 * top5.double().mean():.2f}",
-                    f"{100 * (p['mean_probs'].argmax(1) == labels).double().mean():.2f}")
+    accuracy = lambda hits: f"{100 * hits.double().mean():.2f}"  # noqa: E731
+    assert test == (accuracy(p["logits"].argmax(1) == labels), accuracy(top5),
+                    accuracy(p["mean_probs"].argmax(1) == labels))
     printed = re.search(r"predictive: NLL (\S+)  ECE (\S+)  Brier (\S+)  \|  mean network: NLL (\S+)  ECE (\S+)  "
                         r"Brier (\S+)", out.stdout).groups()
     figures = []
@@ -182,8 +183,8 @@ def test_another_datasets_images_are_told_apart(trained, tmp_path):
     out = run_main("--evaluate", trained / "run" / "model_best.pth.tar", "--gpus", "cpu", "-L", 2, "--ood",
                    "cifar100", "--ood_data_root", ood)
     assert out.returncode == 0, out.stderr
-    assert "Out-of-distribution: the cifar10 test set (100 images, in) against the cifar100 test set (120 images, out)" \
-        in out.stdout
+    assert ("Out-of-distribution: the cifar10 test set (100 images, in) against the cifar100 test set "
+            "(120 images, out)") in out.stdout
     rows = re.findall(r"^  (predictive entropy \(L=2\)|mutual information \(L=2\)|max probability, mean network "
                       r"sign\(M\)) +(\d+\.\d\d) +(\d+\.\d\d)$", out.stdout, re.M)
     assert len(rows) == 3 and all(0 <= float(a) <= 100 and 0 <= float(f) <= 100 for _, a, f in rows), out.stdout

@@ -41,7 +41,8 @@ def imagenet(tmp_path_factory):
 
 def test_a_narrow_network_trains_from_the_folders_and_evaluates_on_one_or_two_ranks(imagenet, tmp_path):
     results = tmp_path / "results"
-    run = run_main("--recipe", "resnet18_1w32a_imagenet", "--width", 4, "--epochs", 1, "--warmup_epochs", 1, "-b", 20, "-L", 1,
+    run = run_main("--recipe", "resnet18_1w32a_imagenet", "--width", 4, "--epochs", 1, "--warmup_epochs", 1,
+                   "-b", 20, "-L", 1,
                    "-j", 0, "--eval-batch-size", 5, "--gpus", "cpu", "--seed", 1, "--data_root", imagenet,
                    "--results_dir", results, "--save", "imagenet")
     assert run.returncode == 0, run.stderr

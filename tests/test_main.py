@@ -107,14 +107,16 @@ def test_same_seed_same_machine_gives_identical_metrics(finished_run, cifar10_ro
 
 def test_vgg16_and_cifar100_layout_run_end_to_end(cifar100_root, tmp_path):
     out = run_main("--gpus", "cpu", "--dataset", "cifar100", "--data_root", cifar100_root,
-                   "--model", "vgg16_cifar100_sdp", "--width", 8, "--epochs", 1, "--warmup_epochs", 1, "-b", 80, "-L", 2,
+                   "--model", "vgg16_cifar100_sdp", "--width", 8, "--epochs", 1, "--warmup_epochs", 1,
+                   "-b", 80, "-L", 2,
                    "-K", 1, "--seed", 2, "--results_dir", tmp_path / "results", "--save", "vgg")
     assert out.returncode == 0, out.stderr
     assert BEST.match(open(tmp_path / "results" / "vgg.txt").read().splitlines()[-1])
 
 
 def test_a_recipe_gives_its_settings_and_options_override_them(cifar10_root, tmp_path):
-    out = run_main("--recipe", "vgg16_1w32a_cifar10", "--width", 4, "--epochs", 1, "--warmup_epochs", 1, "-b", 100, "-L", 1,
+    out = run_main("--recipe", "vgg16_1w32a_cifar10", "--width", 4, "--epochs", 1, "--warmup_epochs", 1,
+                   "-b", 100, "-L", 1,
                    "--gpus", "cpu", "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "r")
     assert out.returncode == 0, out.stderr
     with open(RunDir(str(tmp_path), "r").config) as f:

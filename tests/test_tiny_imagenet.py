@@ -399,7 +399,8 @@ def test_the_recipe_trains_and_its_evaluate_script_reports_the_logged_mean_netwo
     evaluate script on its checkpoint."""
     from helpers import run_main, run_results, run_script
     write_tiny_imagenet(str(tmp_path / "data"), classes=4, per_class=30, val_per_class=10)
-    run = run_main("--recipe", "resnet18_1w32a_tiny-imagenet", "--width", 4, "--epochs", 1, "--warmup_epochs", 1, "-b", 40, "-L", 1,
+    run = run_main("--recipe", "resnet18_1w32a_tiny-imagenet", "--width", 4, "--epochs", 1, "--warmup_epochs", 1,
+                   "-b", 40, "-L", 1,
                    "--gpus", "cpu", "--seed", 1, "--data_root", tmp_path / "data",
                    "--results_dir", tmp_path / "results", "--save", "tiny")
     assert run.returncode == 0, run.stderr

@@ -104,8 +104,13 @@ def agree(value, world: World, what: str):
 
 
 def finish(world: World):
+    """Leave the other ranks, once all of them are done (a rank that tore down its
+    connections while another still used them would take that one down)."""
     if world.several and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def average_(tensors, world: World):
