@@ -138,6 +138,13 @@ def run_main(*args, timeout=300, env=None, preexec_fn=None):
         return subprocess.CompletedProcess(process.args, process.returncode, read_text(out), read_text(err))
 
 
+def train_tiny(data_root, results, save, epochs):
+    """Train the TINY network for ``epochs`` into ``results/save``; the run must succeed."""
+    done = run_main(*TINY, "--epochs", epochs, "--data_root", data_root, "--results_dir", results, "--save", save)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def start_main(*args, output):
     """Start main.py; its stdout and stderr go to the file ``output``."""
     open(output, "w").close()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import engine
 from data.synthetic import write_structured_cifar
-from helpers import ENV, REPO, TINY, assert_clear_error, folder_digest, metrics_without_seconds, run_main
+from helpers import ENV, REPO, TINY, assert_clear_error, folder_digest, metrics_without_seconds, run_main, train_tiny
 from utils.meters import Accumulator
 from utils.ood import auroc, fpr_at_tpr
 
@@ -130,8 +130,7 @@ def test_auroc_and_fpr_at_95_agree_with_torchmetrics():
 @pytest.fixture(scope="module")
 def trained(cifar10_root, tmp_path_factory):
     results = tmp_path_factory.mktemp("calibrated")
-    r = run_main(*TINY, "--epochs", 2, "--data_root", cifar10_root, "--results_dir", results, "--save", "run")
-    assert r.returncode == 0, r.stderr
+    train_tiny(cifar10_root, results, "run", epochs=2)
     return results
 
 

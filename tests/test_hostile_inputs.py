@@ -17,7 +17,7 @@ import torch
 import checkpoint
 from data.synthetic import write_image_folders, write_tiny_imagenet
 from helpers import (ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text, run_main,
-                     run_script, start_main, temporary_files)
+                     run_script, start_main, temporary_files, train_tiny)
 from models import build_model, is_binary, packed, released
 from utils import files
 from utils.run_dir import BEST, CHECKPOINT, RunDir
@@ -46,8 +46,7 @@ def refused_by_the_command_line(command, *fragments, watched):
 def one_epoch(cifar10_root, tmp_path_factory):
     """A results folder holding the run "run" after its first of one epoch."""
     results = tmp_path_factory.mktemp("one-epoch")
-    r = run_main(*TINY, "--epochs", 1, "--data_root", cifar10_root, "--results_dir", results, "--save", "run")
-    assert r.returncode == 0, r.stderr
+    train_tiny(cifar10_root, results, "run", epochs=1)
     return results
 
 
@@ -438,8 +437,7 @@ def three_epochs(cifar10_root, tmp_path_factory):
     """A run of three epochs whose best epoch is the first, at 100% (no later epoch can be
     better): its checkpoints and metrics rewritten so."""
     results = tmp_path_factory.mktemp("three")
-    r = run_main(*TINY, "--epochs", 3, "--data_root", cifar10_root, "--results_dir", results, "--save", "src")
-    assert r.returncode == 0, r.stderr
+    train_tiny(cifar10_root, results, "src", epochs=3)
     src = RunDir(str(results), "src")
     state = load_checkpoint(src.checkpoint)
     history = [dict(row, best_prec1=100.0, best_epoch=1) for row in state["history"]]
