@@ -60,23 +60,23 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
                    help="start from one of the authors' configurations (options given too override it)")
     add_arguments(p, defaults)
     a = p.add_argument
-    a("--data_root", default=None,
+    a("--data_root", default=None, type=path,
       help="folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
            "train/ and val/) (default: ./datasets, for ImageNet ./datasets/imagenet; with --resume or --evaluate "
            "of a checkpoint of ours, the folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
       "(default: <model>_<dataset>_<date>)")
-    a("--results_dir", default="./results", help="where run logs (<save>.txt) and run folders go")
-    a("-e", "--evaluate", metavar="FILE", default=None,
+    a("--results_dir", default="./results", type=path, help="where run logs (<save>.txt) and run folders go")
+    a("-e", "--evaluate", metavar="FILE", default=None, type=path,
       help="evaluate a checkpoint on the test set (ours, or the authors' released layout with "
            "--model/--dataset naming the network; K is read from the file), or an exported network "
            "(.bnn), and exit")
-    a("--export", metavar="FILE", default=None,
+    a("--export", metavar="FILE", default=None, type=path,
       help="export the mean network sign(M) of a checkpoint (ours, or the authors' with --model/--dataset) "
            "to --out: binary weights packed 8 per byte, the rest float32; then exit")
-    a("--out", metavar="FILE", default=None, help="where --export writes the network (e.g. model.bnn)")
-    a("--predictions", metavar="FILE", default=None,
+    a("--out", metavar="FILE", default=None, type=path, help="where --export writes the network (e.g. model.bnn)")
+    a("--predictions", metavar="FILE", default=None, type=path,
       help="with --evaluate: write the per-image probabilities of the L-sample predictive ('probs', N x C), of "
            "the mean network ('mean_probs'), the 'labels' and the averaged 'logits' to FILE "
            "(torch.load(FILE, weights_only=True))")
@@ -84,7 +84,8 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
       help="with --evaluate: tell the test set of the network's dataset from that of DATASET (e.g. cifar10 "
            "against cifar100) by the predictive entropy, the mutual information and the mean network's maximum "
            "probability: AUROC and FPR at 95%% TPR")
-    a("--ood_data_root", metavar="DIR", default=None, help="where --ood's dataset is (default: its usual folder)")
+    a("--ood_data_root", metavar="DIR", default=None, type=path,
+      help="where --ood's dataset is (default: its usual folder)")
     a("--tensorboard", action="store_true",
       help="also write every column of metrics.csv as a TensorBoard scalar to results/<save>/tb/ (needs the "
            "tensorboard package; a resumed run goes on writing there)")
@@ -112,6 +113,13 @@ def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def path(text):
+    """An empty path is refused: it is usually an unset shell variable, and would mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (an unset shell variable?)")
+    return text
 
 
 def parse_args(argv):

@@ -13,7 +13,7 @@ as environment variables and end with ``exec python3 run_seeds.py "$@"``:
     NPROC         GPUs per run (default 1): with more, each run is `torchrun --standalone
                   --nproc_per_node NPROC main.py ...` on a group of NPROC slots
     DATA_ROOT     main.py's --data_root (default: main.py's, ./datasets; ImageNet ./datasets/imagenet)
-    RESULTS_DIR   where the logs and run folders go (default ./results)
+    RESULTS_DIR   where the logs and run folders go (default, also when empty: ./results)
 
 The runs are named by ``config.run_name`` from the recipe and the settings
 (``resnet18_1w32a_cifar100_seed=2020_benchmark_K=8_...``). A slot is a CUDA device
@@ -279,7 +279,7 @@ def parse(argv, env):
         usage_error(problem)
     if env.get("DATA_ROOT", "") != "":  # else main.py's default for the dataset
         main_args += ["--data_root", env["DATA_ROOT"]]
-    return recipe, cfg, seeds, slots, env.get("RESULTS_DIR", "./results"), main_args
+    return recipe, cfg, seeds, slots, env.get("RESULTS_DIR") or "./results", main_args
 
 
 def main(argv=None):

@@ -179,6 +179,15 @@ def test_unusable_checkpoint(world, option, problem):
     assert not os.path.exists(os.path.join(world.files, "MARKER")), "the file's code was run"
 
 
+
+@pytest.mark.parametrize("option", [["--evaluate"], ["--export", "--out", "x.bnn"]], ids=["--evaluate", "--export"])
+def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(world, option):
+    run = os.path.join(world.results, "base")
+    fails_cleanly(world, option[0], run, *option[1:], "--data_root", world.data, "--gpus", "cpu",
+                  message=rf"{re.escape(run)} is a folder, not a checkpoint: give a file in it "
+                          r"\(checkpoint\.pth\.tar, model_best\.pth\.tar\)")
+
+
 OTHER_NETWORK = {
     "architecture": (["--model", "vgg16"], "model=vgg16 (checkpoint: resnet18)"),
     "K": (["-K", "8"], "K=8 (checkpoint: 2)"),  # 8 is the default: typed out, it still counts

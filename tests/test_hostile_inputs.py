@@ -130,6 +130,17 @@ def test_control_characters_in_a_run_name_are_refused(cifar10_root, tmp_path):
             "--save takes a run name", watched=[tmp_path])
 
 
+
+@pytest.mark.parametrize("option", ["--results_dir", "--data_root"])
+def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(cifar10_root, tmp_path, option):
+    """``--results_dir "$RESULTS"`` with the variable unset would write the run into main.py's folder."""
+    paths = {"--results_dir": tmp_path, "--data_root": cifar10_root}
+    command = [*TINY, "--save", "empty-path-run", *[x for o, p in paths.items() for x in (o, "" if o == option else p)]]
+    refused_by_the_command_line(command, f"argument {option}: expected a path, got an empty string",
+                                watched=[tmp_path])
+    assert not os.path.exists(os.path.join(REPO, "empty-path-run.txt"))
+
+
 # ---- 4: a double Ctrl-C while a checkpoint is being written ---------------------------------------------
 
 def test_a_double_ctrl_c_during_the_checkpoint_write_lets_it_land(cifar10_root, tmp_path, monkeypatch):

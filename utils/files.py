@@ -247,6 +247,10 @@ def load(path: str, map_location="cpu", mmap=False, what="checkpoint") -> dict:
     """Read a file as data. FileError if it is missing, truncated, not a dict of plain
     data, holds objects other than plain data, or a non-finite tensor. ``mmap``: the
     tensors stay on disk until used (to read a few plain fields of a large file)."""
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith((".pth.tar", ".bnn")))
+        raise FileError(f"{path} is a folder, not a {what}" + (f": give a file in it ({', '.join(inside)})"
+                                                                 if inside else ""))
     if not os.path.isfile(path):
         raise FileError(f"{what} not found: {path}")
     try:
