@@ -229,5 +229,5 @@ def test_a_1w1a_script_runs_the_fully_binary_recipe(tmp_path, cifar10_root):
 def test_an_empty_results_dir_is_the_default_folder_like_every_other_empty_variable(value, folder):
     """``RESULTS_DIR=`` (set but empty) must not put the runs in the current folder."""
     import run_seeds
-    parsed = run_seeds.parse([], dict(RECIPE="resnet18_1w32a_cifar100", RESULTS_DIR=value))
-    assert parsed[4] == folder
+    *_, results_dir, _ = run_seeds.parse([], dict(RECIPE="resnet18_1w32a_cifar100", RESULTS_DIR=value))
+    assert results_dir == folder

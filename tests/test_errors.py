@@ -184,7 +184,7 @@ def test_unusable_checkpoint(world, option, problem):
 def test_a_run_folder_given_for_a_checkpoint_names_the_files_in_it(world, option):
     run = os.path.join(world.results, "base")
     fails_cleanly(world, option[0], run, *option[1:], "--data_root", world.data, "--gpus", "cpu",
-                  message=rf"{re.escape(run)} is a folder, not a checkpoint: give a file in it "
+                  message=rf"{re.escape(run)} is a folder, not a file: give a file in it "
                           r"\(checkpoint\.pth\.tar, model_best\.pth\.tar\)")
 
 

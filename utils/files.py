@@ -249,8 +249,8 @@ def load(path: str, map_location="cpu", mmap=False, what="checkpoint") -> dict:
     tensors stay on disk until used (to read a few plain fields of a large file)."""
     if os.path.isdir(path):
         inside = sorted(name for name in os.listdir(path) if name.endswith((".pth.tar", ".bnn")))
-        raise FileError(f"{path} is a folder, not a {what}" + (f": give a file in it ({', '.join(inside)})"
-                                                                 if inside else ""))
+        raise FileError(f"{path} is a folder, not a file" + (f": give a file in it ({', '.join(inside)})"
+                                                               if inside else ""))
     if not os.path.isfile(path):
         raise FileError(f"{what} not found: {path}")
     try:
