@@ -34,6 +34,7 @@ from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, valid_run_name
 
 FORMAT = "vispa-checkpoint"
 VERSION = 4
+MAX_THREADS = 1024  # a CPU thread count a machine can have; more is a hand-made file
 
 
 class CheckpointError(FileError):
@@ -79,11 +80,12 @@ class Checkpoint:
         return replace(self, optimizer=dict(self.optimizer, state=state))
 
 
-def write(content: dict, path: str):
+def write(content: dict, path: str, owner=None):
     """Write a checkpoint's ``to_file()`` content atomically, with its digest (the
-    background writer calls this from its thread: the digest of 800 MB takes a while)."""
+    background writer calls this from its thread: the digest of 800 MB takes a while);
+    ``owner``: the record of the run whose file it is (``utils/manifest.py``)."""
     try:
-        files.save_atomic(files.with_digest(content), path)
+        files.save_atomic(files.with_digest(content), path, owner)
     except FileError as error:
         raise CheckpointError(str(error)) from None
 
@@ -201,8 +203,8 @@ def _checked(obj, path) -> Checkpoint:
         raise bad("it holds no random states of its ranks")
     if obj.get("data_root") is not None and not isinstance(obj["data_root"], str):
         raise bad(f"its data folder {obj['data_root']!r} is not a path")
-    if obj["threads"] is not None and not (_is_int(obj["threads"]) and obj["threads"] >= 1):
-        raise bad(f"its thread count {obj['threads']!r} is not a whole number of at least 1")
+    if obj["threads"] is not None and not (_is_int(obj["threads"]) and 1 <= obj["threads"] <= MAX_THREADS):
+        raise bad(f"its thread count {obj['threads']!r} is not a whole number from 1 to {MAX_THREADS}")
     return Checkpoint(config=config, run=obj["run"], run_id=obj["run_id"], epoch=epoch, model=obj["model"],
                       optimizer=optimizer, best_prec1=float(obj["best_prec1"]), best_epoch=obj["best_epoch"],
                       history=obj["history"], ranks=obj["ranks"], log_offset=obj["log_offset"],

@@ -23,16 +23,15 @@ import sys
 
 import torch
 
-import checkpoint
 import engine
 import factory
 from config import UsageError
 from data import DATASETS, DatasetError, InMemory
 from models import packed
-from utils import distributed, files
+from utils import distributed, predictions
 from utils.ood import auroc, fpr_at_tpr
 from utils.progress import progress
-from utils.run_dir import EXIT_OK, RunDir, calibration
+from utils.run_dir import EXIT_OK, calibration, check_output
 
 
 def evaluate_file(args, cfg, on_command_line, device, world):
@@ -44,7 +43,8 @@ def evaluate_file(args, cfg, on_command_line, device, world):
                              "is the mean network alone")
         return evaluate_exported(args, cfg, on_command_line, device, world)
     if args.predictions:
-        check_target(args.predictions, args.overwrite, what="--predictions")
+        check_output(args.predictions, args.overwrite, predictions.is_predictions, "--predictions",
+                     "a file of predictions")
     loaded = factory.load_network(args.evaluate, cfg, on_command_line, device)
     cfg = loaded.cfg
     folder = factory.DataFolder.of(args.data_root, cfg.dataset, loaded.trained_on)
@@ -106,7 +106,7 @@ def write_predictions(path, val, mean, world):
     plain data (rank 0 writes the whole test set's)."""
     val, mean = gathered(val, world), gathered(mean, world)
     if world.main:
-        files.save_atomic({"probs": val["probs"], "mean_probs": mean["probs"], "labels": val["labels"],
+        predictions.write({"probs": val["probs"], "mean_probs": mean["probs"], "labels": val["labels"],
                            "logits": val["logits"], "nll": val["image_nll"], "mean_nll": mean["image_nll"]}, path)
         print(f"Predictions of the {len(val['labels'])} test images written to {path}")
 
@@ -125,7 +125,10 @@ def ood_batches(args, cfg, device, world):
     if outside.image_size != inside.image_size:
         raise UsageError(f"--ood {args.ood} has images of {outside.image_size} pixels; {cfg.model} on {cfg.dataset} "
                          f"takes {inside.image_size}")
-    images, labels = outside.read(args.ood_data_root or outside.default_root, "test")
+    root = args.ood_data_root or outside.default_root
+    images, labels = outside.read(root, "test")
+    if len(labels) == 0:
+        raise DatasetError(f"--ood {args.ood}: the test set in {root} has no images to tell apart")
     return inside.loader(images, torch.zeros_like(labels), cfg.eval_batch_size, False, device, [world.rank],
                          world.size)
 
@@ -141,45 +144,29 @@ def report_ood(name, cfg, val, mean, far, far_mean, world):
           f"test set ({len(far['entropy'])} images, out)")
     print(f"  {'score':<40}{'AUROC':>8}{'FPR@95%TPR':>12}")
     for label, inside, outside in rows:
-        if cfg.K == 0 and label.startswith("mutual"):  # L copies of one network: zero, up to rounding
-            print(f"  {label:<40}{'n/a':>8}{'n/a':>12}   (K = 0: one network, no mutual information)")
+        if (cfg.K == 0 or cfg.L == 1) and label.startswith("mutual"):  # one network: zero, up to rounding
+            why = "K = 0: one network" if cfg.K == 0 else "L = 1: one sampled network"
+            print(f"  {label:<40}{'n/a':>8}{'n/a':>12}   ({why}, no mutual information)")
             continue
         print(f"  {label:<40}{auroc(inside, outside):>8.2f}{fpr_at_tpr(inside, outside):>12.2f}")
 
 
 # ---- exporting ---------------------------------------------------------------------------------------
 
-def check_target(out, overwrite, what="--out", allowed_format=packed.FORMAT):
-    """A file this command may write: a new one, or with --overwrite one of the kind it
-    writes; never a link, a file of a run (its checkpoints, metrics, settings, lock or
-    log), nor anything in the folder of a run that is being trained."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {what} {out}: the folder {folder} does not exist")
-    if os.path.islink(out):
-        raise UsageError(f"{what} {out} is a symbolic link: it is never written through")
-    holder = RunDir(os.path.dirname(folder), os.path.basename(folder))
-    log_of = RunDir(folder, os.path.basename(out)[:-len(".txt")]) if out.endswith(".txt") else None
-    if (os.path.abspath(out) in map(os.path.abspath, holder.files()) and holder.holds_run()) or \
-            (log_of is not None and log_of.holds_run()):
-        raise UsageError(f"{what} {out} is a file of a run: choose another")
-    if holder.in_use():
-        raise UsageError(f"{folder} is the folder of a run being trained now: write {what} elsewhere, or wait")
-    if os.path.exists(out):
-        if not overwrite:
-            raise UsageError(f"{out} exists: choose another {what}, or add --overwrite to replace it")
-        fields = checkpoint.peek(out)
-        if what == "--out" and (fields is None or fields["format"] != allowed_format):
-            raise UsageError(f"{out} exists and is not an exported network: --overwrite replaces only those")
-        if what != "--out" and (fields is None or fields["format"] is not None):
-            raise UsageError(f"{out} exists and is not a file of predictions: --overwrite replaces only those")
+def is_exported_network(path) -> bool:
+    """Whether ``path`` is a whole exported network (format, digest and fields checked)."""
+    try:
+        packed.read_packed(path)
+        return True
+    except packed.PackedError:
+        return False
 
 
 def export_file(args, cfg, on_command_line):
     """``--export FILE --out OUT``: the mean network sign(M) of a checkpoint, packed."""
     if os.path.exists(args.out) and os.path.exists(args.export) and os.path.samefile(args.out, args.export):
         raise UsageError(f"--out {args.out} is the checkpoint being exported: choose another --out")
-    check_target(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, is_exported_network, "--out", "an exported network")
     loaded = factory.load_network(args.export, cfg, on_command_line, torch.device("cpu"))
     cfg = loaded.cfg
     packed.save(factory.exported_network(loaded, f"{args.export} ({loaded.source})"), args.out)

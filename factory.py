@@ -26,8 +26,9 @@ def build(cfg: Config, device):
     """The network (on ``device``, in its memory format) and its optimizer for a run config.
     The optimizer's own generator draws the evaluation's samples (``evaluation_draws``
     seeds it); training draws come from the generators of engine.Ranks."""
+    with torch.device("meta"):  # its sizes, without allocating it
+        check_memory(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size), cfg, device)
     model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
-    check_memory(model, cfg, device)
     model = model.to(device, memory_format=memory_format(device))
     opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
                 S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection, seed=0)
@@ -35,16 +36,20 @@ def build(cfg: Config, device):
 
 
 def check_memory(model, cfg: Config, device):
-    """UsageError, before anything is allocated, when VISPA's state would not fit in the
-    device's free memory: per binary weight M and Z ((K + 1) floats), their gradients and
-    their momenta, three times (K + 1) float32 values."""
+    """UsageError, before anything is allocated, when the network and VISPA's state would
+    not fit in the device's free memory: every parameter with its gradient and momentum
+    (three float32 values), and per binary weight M and Z ((K + 1) floats), their
+    gradients and their momenta, three times (K + 1) float32 values. (The activations
+    come on top, and depend on the batch.)"""
     weights = sum(p.numel() for p in model.parameters() if getattr(p, "binary", False))
-    needed = 3 * (cfg.K + 1) * 4 * weights
+    network = sum(p.numel() for p in model.parameters())
+    needed = 3 * 4 * network + 3 * (cfg.K + 1) * 4 * weights
     free = free_memory(device)
     if free is not None and needed > free:
-        raise UsageError(f"-K {cfg.K}: VISPA's state for the {weights:,} binary weights of {cfg.model} (width "
-                         f"{cfg.width}; M, Z, their gradients and momenta) needs about {needed / 2**30:,.1f} GiB, and "
-                         f"{device} has {free / 2**30:,.1f} GiB free: choose a smaller -K or --width")
+        raise UsageError(f"-K {cfg.K}, --width {cfg.width}: {cfg.model} ({network:,} parameters, {weights:,} of them "
+                         f"binary) with VISPA's state (M, Z, their gradients and momenta) needs about "
+                         f"{needed / 2**30:,.1f} GiB, and {device} has {free / 2**30:,.1f} GiB free: choose a smaller "
+                         f"-K or --width")
 
 
 def free_memory(device):

@@ -36,7 +36,7 @@ from training import FORK, NEW, RESUME, REWIND, Request, train
 from utils import distributed, threads
 from utils.files import FileError
 from utils.tensorboard import Unavailable
-from utils.run_dir import EXIT_ERROR, NotARun, RunInUse, exit_stopped, valid_run_name
+from utils.run_dir import EXIT_ERROR, NotOurs, RunInUse, exit_stopped, valid_run_name
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -161,6 +161,9 @@ def check_combinations(args):
         raise UsageError("--predictions, --ood and --ood_data_root go with --evaluate FILE")
     if args.ood_data_root and not args.ood:
         raise UsageError("--ood_data_root goes with --ood DATASET")
+    if args.threads is not None and args.threads > threads.usable_cores():
+        raise UsageError(f"--threads {args.threads}: this process may use {threads.usable_cores()} CPU cores; give "
+                         f"at most that many (more threads than cores wait for each other)")
     if args.tensorboard and (args.evaluate is not None or args.export is not None):
         raise UsageError("--tensorboard writes a training run's metrics: it goes with training, not --evaluate "
                          "or --export")
@@ -237,7 +240,7 @@ def main(argv=None):
             return train(run_request(args), cfg, on_command_line, device, world)
         finally:
             distributed.finish(world)
-    except (UsageError, DatasetError, FileError, RunInUse, NotARun, distributed.RankError, Unavailable) as error:
+    except (UsageError, DatasetError, FileError, RunInUse, NotOurs, distributed.RankError, Unavailable) as error:
         print(f"error: {error}" + (f" (rank {world.rank})" if world.several else ""), file=sys.stderr)
         return EXIT_ERROR
     except (MemoryError, torch.cuda.OutOfMemoryError) as error:

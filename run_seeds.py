@@ -36,8 +36,10 @@ non-zero once they have. The runs are in process groups of their own, so a Ctrl-
 in the terminal reaches them only through this script, once.
 """
 import argparse
+import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,8 +107,13 @@ def launch(run, slot, recipe, main_args, env):
         command += ["--gpus", devices[0]]
     command += ["--resume", files.folder] if run.resume else ["--recipe", recipe]
     os.makedirs(files.folder, exist_ok=True)
-    # appended to, never through a link (O_NOFOLLOW): the run's own checks say more once it runs
+    # appended to, never through a link (O_NOFOLLOW) nor into a file with another name (a hard link)
     console = os.open(files.console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    found = os.fstat(console)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+        os.close(console)
+        raise OSError(errno.EMLINK, "it is not a file of its own (a hard link, or not a file): never appended to",
+                      files.console)
     try:
         run.process = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)

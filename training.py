@@ -34,7 +34,7 @@ from optim import learning_rate
 from utils import distributed, seeds, tensorboard, threads
 from utils.files import BackgroundSaver
 from utils.stop import StopRequest
-from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotARun, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
+from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotOurs, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
                            run_dir_of)
 from utils.runlog import RunLog, best_line
 
@@ -81,7 +81,7 @@ def check_continuation(request, resumed, path, run):
     model_best, a copy kept elsewhere) would silently throw epochs away or write beside
     the copy: refused, unless --rewind or --fork says what is meant."""
     if request.mode == FORK:
-        run.check_ours()
+        run.check_ours(writes_events(request, run))
         if run.holds_run():
             raise UsageError(f"{run.folder} already holds a run: --fork starts a new run; choose another --save")
         return
@@ -94,7 +94,7 @@ def check_continuation(request, resumed, path, run):
         raise CheckpointError(f"{path} is a checkpoint of the run {resumed.run!r}, kept in the folder {run.name!r}: "
                               f"a copy or a renamed folder, whose log would be {run.log}. To go on from it, start "
                               f"a new run with --fork --save NAME")
-    run.check_ours()
+    run.check_ours(writes_events(request, run))
     if os.path.abspath(path) == os.path.abspath(run.checkpoint) or request.mode == REWIND:
         return
     latest = (checkpoint.peek(run.checkpoint) or {}).get("epoch")
@@ -110,10 +110,15 @@ def check_continuation(request, resumed, path, run):
 
 
 def refuse_to_start_over(request, run):
-    run.check_ours()  # what a run did not write is never replaced, even with --overwrite
+    run.check_ours(writes_events(request, run))  # what the run did not write is never replaced, even with --overwrite
     if run.holds_run() and not request.start_over:
         raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
                          f"start it over with --overwrite, or choose another --save")
+
+
+def writes_events(request, run) -> bool:
+    """Whether the run writes TensorBoard events: asked for, or a resumed run that has them."""
+    return request.tensorboard or (request.mode in (RESUME, REWIND) and os.path.isdir(run.tensorboard))
 
 
 def open_run(request, cfg, on_command_line, device, world):
@@ -148,7 +153,7 @@ def open_run(request, cfg, on_command_line, device, world):
     return resumed.config, run, resumed, path
 
 
-def take_the_folder(request, run, resumed, world, device):
+def take_the_folder(request, run, run_id, resumed, world, device):
     """Rank 0 locks the run's folder (held until the process ends: a second writer of
     this run is refused) and prepares it; every rank learns whether it could."""
     failure = None
@@ -157,11 +162,14 @@ def take_the_folder(request, run, resumed, world, device):
             run.lock()
             if resumed is None:
                 refuse_to_start_over(request, run)  # again, now that no one else can start it
-            run.check_ours()
-            run.prepare(start_over=request.start_over and resumed is None)
+            run.check_ours(writes_events(request, run))
+            run.prepare(run_id, start_over=request.start_over and resumed is None,
+                        new=resumed is None or request.mode == FORK, tensorboard=writes_events(request, run))
         except OSError as error:
-            failure = UsageError(f"cannot write to {run.folder}: {error.strerror or error}")
-        except (UsageError, RunInUse, NotARun) as error:
+            inside = isinstance(error.filename, str) and error.filename.startswith(run.folder + os.sep)  # tb/
+            failure = UsageError(f"cannot write to {error.filename if inside else run.folder}: "
+                                 f"{error.strerror or error}")
+        except (UsageError, RunInUse, NotOurs) as error:
             failure = error
     if distributed.maximum(int(failure is not None), world, device):
         raise failure or UsageError("rank 0 could not start the run (its error says why)")
@@ -200,7 +208,7 @@ class Silent:
     """What the ranks other than 0 have instead of the log: they write nothing."""
     offset = 0
 
-    def write(self, message="", echo=None):
+    def write(self, message="", echo=None, best=None):
         pass
 
     def set_best(self, best_prec1, best_epoch):
@@ -217,7 +225,7 @@ def open_log(run, run_id, cfg, resumed, path, device, steps, world):
         return Silent()
     header = log_header(run.name, run_id, shlex.join(sys.argv))
     if resumed is None or resumed.run != run.name:  # new, or --fork: a new log
-        log = RunLog(run.log, cfg.epochs)
+        log = RunLog(run.log, cfg.epochs, owner=run.record)
         log.write(header)
         if resumed is None:
             log.write("Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
@@ -231,7 +239,7 @@ def open_log(run, run_id, cfg, resumed, path, device, steps, world):
         how = f"Forked from {path} (run {resumed.run}) at epoch {resumed.epoch}/{cfg.epochs}"
     else:
         log_size = os.path.getsize(run.log) if os.path.exists(run.log) else 0
-        log = RunLog(run.log, cfg.epochs, offset=min(resumed.log_offset, log_size))
+        log = RunLog(run.log, cfg.epochs, offset=min(resumed.log_offset, log_size), owner=run.record)
         if log_size == 0:  # the log was deleted: a new one, with the run's name and identity
             log.write(header + f" (the log of epochs 1-{resumed.epoch} is gone)")
         how = (f"Resumed from {path} at epoch {resumed.epoch}/{cfg.epochs}" if os.path.abspath(path) == run.checkpoint
@@ -283,8 +291,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
         if world.main:
             print(f"{path}: the run is finished; {best_line(resumed.best_prec1, resumed.best_epoch, cfg.epochs)}")
         return EXIT_OK
-    if resumed is not None and resumed.threads and request.threads is None and "OMP_NUM_THREADS" not in os.environ:
-        threads.use(resumed.threads)  # the sums of the run so far, in their order
+    if resumed is not None and resumed.threads and request.threads is None:
+        threads.use(resumed.threads)  # the sums of the run so far, in their order (OMP_NUM_THREADS is no request)
 
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
@@ -301,18 +309,19 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     steps = len(train_batches) // len(shards)
     peak = peak_lr(cfg, world)
     lr_at = lambda it: learning_rate(it, peak, cfg.warmup_epochs * steps, cfg.epochs * steps, cfg.lr_decay)
-    wants_events = world.main and (request.tensorboard or os.path.isdir(run.tensorboard))
-    if wants_events:
-        tensorboard.check()  # before anything is written
-    take_the_folder(request, run, resumed, world, device)
-    events = tensorboard.writer(run.tensorboard) if wants_events else None
-
-    if resumed is not None:
-        restore_rank(resumed.ranks[world.rank], train_batches, ranks, device)
-    start = 0 if resumed is None else resumed.epoch
-    record = Record() if resumed is None else Record(list(resumed.history), resumed.best_prec1, resumed.best_epoch)
+    events = world.main and writes_events(request, run)
+    if events:  # before anything is written
+        tensorboard.check() if request.tensorboard else tensorboard.check(
+            f"{run.tensorboard} holds this run's TensorBoard events: going on with them",
+            f"move {run.tensorboard} elsewhere to go on without them")
     run_id = resumed.run_id if resumed is not None and request.mode != FORK and resumed.run_id else \
         secrets.token_hex(8)
+    if resumed is not None:  # before anything is written: a hand-made file may hold states that do not fit
+        restore_rank(resumed.ranks[world.rank], train_batches, ranks, device, path)
+    take_the_folder(request, run, run_id, resumed, world, device)
+
+    start = 0 if resumed is None else resumed.epoch
+    record = Record() if resumed is None else Record(list(resumed.history), resumed.best_prec1, resumed.best_epoch)
     log = open_log(run, run_id, cfg, resumed, path, device, steps, world)
     if problem:
         log.write(f"Warning: {problem}", echo=False)
@@ -342,14 +351,17 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     if fresh or record.best_epoch == start > 0:
         state = snapshot(start)
         if world.main and fresh:
-            checkpoint.write(state.to_file(), run.checkpoint)  # this is the run's latest state
+            checkpoint.write(state.to_file(), run.checkpoint, run.record)  # this is the run's latest state
         if world.main and record.best_epoch == start > 0:  # the stop may have come before model_best was written
-            checkpoint.write(state.without_momenta().to_file(), run.best)
+            checkpoint.write(state.without_momenta().to_file(), run.best, run.record)
     del resumed
     if world.main:
         run.write_metrics(record.history)
+        if events:
+            tensorboard.follow(run.tensorboard, record.history, run.record)
 
-    saver = BackgroundSaver(checkpoint.write)  # the per-epoch checkpoints are written while training goes on
+    # the per-epoch checkpoints are written while training goes on
+    saver = BackgroundSaver(lambda content, path: checkpoint.write(content, path, run.record))
     stop = StopRequest(world, device)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -378,13 +390,12 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                 return EXIT_DIVERGED
             with stop.hold():
                 is_best = record.add(epoch, lr_at(epoch * steps - 1), trained, val, mean, time.time() - began)
-                log.write(epoch_line(record.history[-1], cfg.epochs, cfg.L))
-                log.set_best(record.best_prec1, record.best_epoch)
+                log.write(epoch_line(record.history[-1], cfg.epochs, cfg.L), best=(record.best_prec1, record.best_epoch))
                 state = snapshot(epoch)
                 if world.main:
                     run.write_metrics(record.history)
-                    if events is not None:
-                        tensorboard.write_row(events, record.history[-1])
+                    if events:
+                        tensorboard.write_row(run.tensorboard, record.history[-1], run.record)
                     saver.submit([(state.to_file(), run.checkpoint)] +
                                  [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()
@@ -419,7 +430,7 @@ def best_of_source(run, resumed, path, run_id, cfg):
         return False
     if os.path.abspath(source.best) != os.path.abspath(run.best):
         best = checkpoint.read(source.best, purpose="forked")
-        checkpoint.write(replace(best, config=cfg, run=run.name, run_id=run_id).to_file(), run.best)
+        checkpoint.write(replace(best, config=cfg, run=run.name, run_id=run_id).to_file(), run.best, run.record)
     return True
 
 
@@ -430,12 +441,21 @@ def rank_state(train_batches, ranks, device):
     return {"rng": seeds.rng_states(device), "data": data, "draws": [g.get_state() for g in ranks.generators]}
 
 
-def restore_rank(state, train_batches, ranks, device):
-    seeds.set_rng_states(state["rng"], device)
-    if state["data"] is not None:
-        train_batches.load_state_dict(state["data"])
-    for generator, saved in zip(ranks.generators, state["draws"]):
-        generator.set_state(saved.cpu())
+def restore_rank(state, train_batches, ranks, device, path):
+    """Go on drawing where the rank stopped; CheckpointError if the states saved do not fit
+    this run (a hand-made or damaged file)."""
+    try:
+        if len(state["draws"]) != len(ranks.generators):
+            raise ValueError(f"{len(state['draws'])} generators of draws for {len(ranks.generators)} virtual ranks")
+        seeds.set_rng_states(state["rng"], device)
+        if state["data"] is not None:
+            train_batches.load_state_dict(state["data"])
+        for generator, saved in zip(ranks.generators, state["draws"]):
+            generator.set_state(saved.cpu())
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        detail = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: the random states of its ranks cannot be restored ({detail}): it was not "
+                              f"written whole by this program; resume from another checkpoint") from None
 
 
 def diverged_because(trained, val, model, opt):

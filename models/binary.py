@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 
 def mark_binary(param: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter as a sign weight, so that VISPA keeps a distribution for it."""
+    """Mark a parameter as a sign weight, so that VISPA keeps a distribution for it. Its
+    value when the optimizer is built is the initial mean M, so it must be a real tensor
+    of at least one dimension (a sign per entry; Z has one more dimension, the rank)."""
+    if not isinstance(param, torch.Tensor) or not param.is_floating_point() or param.dim() == 0:
+        what = f"a {param.dim()}-d tensor" if isinstance(param, torch.Tensor) and param.dim() == 0 else \
+            f"a tensor of {param.dtype}" if isinstance(param, torch.Tensor) else type(param).__name__
+        raise ValueError(f"mark_binary takes a floating-point parameter of at least one dimension, got {what}")
     param.binary = True
     return param
 

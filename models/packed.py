@@ -19,6 +19,8 @@ into a file of plain data (loadable with ``torch.load(weights_only=True)``):
 ``load_packed`` gives back a plain ``nn.Module`` in eval mode that computes the mean
 network exactly, with no optimizer.
 """
+import math
+
 import torch
 
 try:  # installed as the library, vispa.models beside vispa.utils
@@ -113,8 +115,12 @@ def _problem(obj):
                 f"must be whole numbers")
     for key in ("mean", "std"):
         values = obj[key]
-        if not (isinstance(values, list) and len(values) == 3 and all(type(v) in (int, float) for v in values)):
-            return f"its {key} is not three numbers"
+        if not (isinstance(values, list) and len(values) == 3 and
+                all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+            return f"its {key} is not three finite numbers"
+    source = obj.get("source")
+    if source is not None and not (isinstance(source, str) and len(source) <= 2000 and source.isprintable()):
+        return "its source is not one printable line of text"
     if not all(type(v) in (int, float) and v > 0 for v in obj["std"]):
         return "its std is not positive"
     if not isinstance(obj["state"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["state"].values()):
@@ -147,6 +153,11 @@ def network_of(obj, device="cpu"):
     state = dict(obj["state"])
     for name, packed in obj["binary"].items():
         state[name] = unpack_bits(packed)
+    expected = model.state_dict()
+    for name, tensor in state.items():  # load_state_dict would cast another dtype silently
+        if name in expected and tensor.dtype != expected[name].dtype:
+            raise PackedError(f"the exported tensor {name} is {tensor.dtype} where {obj['model']} has "
+                              f"{expected[name].dtype}: not a file this program wrote")
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

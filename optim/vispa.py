@@ -58,6 +58,7 @@ writes). The state of a binary layer is (K + 1) times its weights, so this
 memory traffic is most of the optimizer's share of a training step.
 """
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -102,6 +103,7 @@ class VISPA(torch.optim.Optimizer):
                         K=K, S=S, projection=projection)
         self.fused = fused
         self._samples = 0  # training samples whose gradients were collected since the last step
+        self._sampling = False  # inside sampled_params()
         super().__init__(params, defaults)
         binary = [p for group in self.param_groups for p in group["params"] if _is_binary(p)]
         if not binary:
@@ -112,7 +114,12 @@ class VISPA(torch.optim.Optimizer):
         self.generator = torch.Generator(device=binary[0].device).manual_seed(seed)
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
+        params = param_group["params"] if isinstance(param_group, dict) else param_group
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter is listed twice: give each of the network's parameters once "
+                             "(model.parameters() does)")
+        super().add_param_group(dict(param_group, params=params) if isinstance(param_group, dict) else params)
         group = self.param_groups[-1]
         _check_hyperparameters(group)
         for p in group["params"]:
@@ -121,6 +128,11 @@ class VISPA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _init_distribution(self, p, K):
+        if p.numel() and not p.any():
+            raise ValueError(
+                f"a binary weight of shape {tuple(p.shape)} is all zeros: its value is the initial mean M, "
+                f"whose sign is the network, and sign(0) is 0. Initialise it (the binary layers start "
+                f"Xavier-normal) before building the optimizer")
         if p.numel() and torch.isin(p, p.new_tensor([-1.0, 0.0, 1.0])).all():
             raise ValueError(
                 f"a binary weight of shape {tuple(p.shape)} already holds signs, so it cannot be "
@@ -156,19 +168,22 @@ class VISPA(torch.optim.Optimizer):
         for K = 0)."""
         given = None
         if draws is not None:
+            draws = list(draws)
             if len(draws) != len(self.binary_params()):
                 raise ValueError(f"{len(draws)} draws given for {len(self.binary_params())} binary weights")
-            given = iter(draws)
+            ranks = [group["K"] for group, params in self._binary_groups() for _ in params]
+            given = iter([_given_draw(r, K, p) for r, K, p in zip(draws, ranks, self.binary_params())])
         used = []
         for group, params in self._binary_groups():
             K, S = group["K"], group["S"]
             first = params[0]
+            _check_layout(params, self.state)
             if given is None:
                 fresh = torch.randn(len(params), K, dtype=first.dtype, device=first.device,
                                     generator=self.generator if generator is None else generator)
                 fresh.mul_(1.0 / math.sqrt(S))
             for i, p in enumerate(params):
-                r = fresh[i] if given is None else next(given).to(p.device, p.dtype)
+                r = fresh[i] if given is None else next(given)
                 state = self.state[p]
                 M, Z = state["M"], state["Z"]
                 if K == 0:
@@ -200,12 +215,17 @@ class VISPA(torch.optim.Optimizer):
         gradients of this sample and adds them to those of the samples before it (the weight's own ``.grad`` is then cleared). On leaving,
         the layers hold ``sign(M)`` again.
         """
+        if self._sampling:
+            raise RuntimeError("sampled_params() is already open: a forward pass runs on one sample; close "
+                               "the first context before opening another (they do not nest)")
         used = self._write_samples(draws, generator)
+        self._sampling = True
         completed = False
         try:
             yield used
             completed = True
         finally:
+            self._sampling = False
             if train:
                 self._collect_gradients(used, keep=completed)
             self._write_means()
@@ -213,6 +233,9 @@ class VISPA(torch.optim.Optimizer):
     @contextmanager
     def mean_params(self):
         """Run the enclosed forward pass on the deterministic network ``b = sign(M)``."""
+        if self._sampling:
+            raise RuntimeError("mean_params() inside sampled_params(): the enclosing forward pass would run on "
+                               "sign(M) instead of its sample; close sampled_params() first")
         self._write_means()
         yield
 
@@ -372,25 +395,61 @@ class VISPA(torch.optim.Optimizer):
         self._write_means()
 
     def _shape_mismatches(self, state_dict):
-        saved_groups = state_dict.get("param_groups", [])
+        """What keeps ``state_dict`` from being this optimizer's: every check that loading
+        would otherwise fail on deep inside torch (or not at all)."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict) or \
+                not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
+            return ["it has no list of parameter groups and dict of states"]
         if len(saved_groups) != len(self.param_groups):
             return [f"{len(saved_groups)} parameter groups saved, {len(self.param_groups)} here"]
         problems = []
         for saved, group in zip(saved_groups, self.param_groups):
+            try:
+                _check_hyperparameters(dict(group, **{k: v for k, v in saved.items() if k in self.defaults}))
+            except ValueError as error:
+                problems.append(f"a parameter group's {error}")
             if len(saved["params"]) != len(group["params"]):
                 problems.append(f"{len(saved['params'])} parameters saved, {len(group['params'])} here")
                 continue
             for index, p in zip(saved["params"], group["params"]):
-                saved_state = state_dict["state"].get(index, {})
-                for key in ("M", "Z"):
-                    here = self.state[p].get(key) if _is_binary(p) else None
-                    there = saved_state.get(key)
-                    if (here is None) != (there is None):
+                entry = saved_state.get(index, {})
+                if not isinstance(entry, dict):
+                    problems.append(f"parameter {index}: its state is not a dict")
+                    continue
+                for key, there in entry.items():
+                    if key not in ("step",) and not isinstance(there, torch.Tensor):
+                        problems.append(f"parameter {index}: {key} is a {type(there).__name__}, not a tensor")
+                for key in ("M", "Z", "M_momentum", "Z_momentum", "momentum_buffer"):
+                    here = p if key == "momentum_buffer" else \
+                        self.state[p].get(key[0]) if key.endswith("momentum") and _is_binary(p) else \
+                        self.state[p].get(key) if _is_binary(p) else None
+                    there = entry.get(key)
+                    if key in ("M", "Z") and (here is None) != (there is None):
                         problems.append(f"parameter {index}: {key} {'missing' if there is None else 'unexpected'}")
-                    elif here is not None and here.shape != there.shape:
+                    elif here is not None and isinstance(there, torch.Tensor) and here.shape != there.shape:
                         problems.append(f"parameter {index}: {key} has shape {tuple(there.shape)} "
                                         f"saved, {tuple(here.shape)} here")
         return problems
+
+
+def _check_layout(params, state):
+    """ValueError, with what to do, when a binary weight no longer has its distribution's
+    dtype or device (``model.double()`` or ``model.to(...)`` after the optimizer was built)."""
+    for p in params:
+        M = state[p]["M"]
+        if p.dtype != M.dtype or p.device != M.device:
+            raise ValueError(f"a binary weight is {p.dtype} on {p.device}, and its distribution {M.dtype} on "
+                             f"{M.device}: the network was converted after VISPA was built. Convert the network "
+                             f"first (model.double(), model.to(device)), then build the optimizer (or move a "
+                             f"saved state with load_state_dict)")
+
+
+def _given_draw(r, K, p):
+    if not isinstance(r, torch.Tensor) or tuple(r.shape) != (K,):
+        shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+        raise ValueError(f"a draw for a binary weight of rank K={K} must be a tensor of shape ({K},), got {shape}")
+    return r.to(p.device, p.dtype)
 
 
 @torch.no_grad()
@@ -405,16 +464,20 @@ def project_to_sphere(M, Z, S):
 def _check_hyperparameters(group):
     def finite_at_least(name, low):
         value = group[name]
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
-            raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= low):
+            raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
 
     finite_at_least("lr", 0)
     finite_at_least("momentum", 0)
     finite_at_least("weight_decay", 0)
-    if not (isinstance(group["K"], int) and group["K"] >= 0):
-        raise ValueError(f"K must be an integer >= 0, got {group['K']}")
+    K = group["K"]
+    if isinstance(K, numbers.Integral) and not isinstance(K, bool):
+        K = group["K"] = int(K)  # numpy's integers too
+    if not (type(K) is int and K >= 0):
+        raise ValueError(f"K must be a whole number >= 0, got {K!r}")
     S = group["S"]
-    if not (isinstance(S, (int, float)) and math.isfinite(S) and S > 0):
-        raise ValueError(f"S must be a finite number > 0, got {S}")
+    if not (isinstance(S, numbers.Real) and not isinstance(S, bool) and math.isfinite(S) and S > 0):
+        raise ValueError(f"S must be a finite number > 0, got {S!r}")
     if group["projection"] not in (None, "sphere"):
         raise ValueError(f"projection must be None or 'sphere', got {group['projection']!r}")

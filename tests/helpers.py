@@ -17,7 +17,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import checkpoint  # noqa: E402
 from utils import files  # noqa: E402
+from utils.manifest import Manifest  # noqa: E402
 from utils.run_dir import BEST, CHECKPOINT, RunDir  # noqa: E402,F401
 
 # A run small enough for a CPU test: 5 training steps per epoch on the tiny CIFAR-10
@@ -311,6 +313,15 @@ def run_results(results_dir, name):
 def load_checkpoint(path):
     """A checkpoint's content (its digest checked and left out), as a dict to look at or change."""
     return files.verify_digest(files.load(str(path)), str(path), "a checkpoint")
+
+
+def rewrite_as_the_run(content, path):
+    """Write a checkpoint into a run folder as the run itself would have written it
+    (recorded as one of its own files), to give a test run another state."""
+    checkpoint.write(content, str(path))
+    record = Manifest.read(os.path.dirname(str(path)))
+    if record is not None:
+        record.adopt(str(path))
 
 
 def tensors_of(obj, prefix=""):

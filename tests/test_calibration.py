@@ -149,7 +149,8 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
                    "--predictions", tmp_path / "p.pt")
     assert out.returncode == 0, out.stderr
     p = torch.load(tmp_path / "p.pt", weights_only=True)
-    assert set(p) == {"probs", "mean_probs", "labels", "logits", "nll", "mean_nll"}
+    assert set(p) == {"probs", "mean_probs", "labels", "logits", "nll", "mean_nll", "format", "version", "digest"}
+    assert p["format"] == "vispa-predictions"
     assert p["probs"].dtype == torch.float32 and p["probs"].shape == (len(p["labels"]), 10)
     labels = p["labels"]
     test = re.search(r"Prec@1 (\S+)  Prec@5 (\S+)  \(L=2\)  \|  mean network Prec@1 (\S+)", out.stdout).groups()
@@ -210,15 +211,17 @@ def test_predictions_never_replace_a_checkpoint(trained):
 def test_tensorboard_holds_every_column_of_metrics(cifar10_root, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from utils.tensorboard import scalar_name
     r = run_main(*TINY, "--epochs", 2, "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "tb",
                  "--tensorboard")
     assert r.returncode == 0, r.stderr
     events = EventAccumulator(str(tmp_path / "tb" / "tb"))
     events.Reload()
     rows = metrics_without_seconds(tmp_path / "tb" / "metrics.csv")
-    assert set(events.Tags()["scalars"]) == set(rows[0]) - {"epoch"} | {"seconds"}
+    assert set(events.Tags()["scalars"]) == {scalar_name(key) for key in set(rows[0]) - {"epoch"} | {"seconds"}}
+    assert {"val/prec1", "mean_net/ece", "train/loss", "lr"} <= set(events.Tags()["scalars"])
     for key in ("val_prec1", "val_ece", "mean_brier", "lr"):
-        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        logged = [(e.step, e.value) for e in events.Scalars(scalar_name(key))]
         assert [step for step, _ in logged] == [1, 2]
         assert [f"{value:.2f}" for _, value in logged] == [f"{float(row[key]):.2f}" for row in rows]
 
@@ -226,7 +229,7 @@ def test_tensorboard_holds_every_column_of_metrics(cifar10_root, tmp_path):
 def test_without_tensorboard_the_option_is_one_line(cifar10_root, tmp_path, monkeypatch):
     if torch.get_num_threads() > 1:
         pytest.skip("main.py runs forked from this process only with one thread")
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     r = run_main(*TINY, "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "x", "--tensorboard")
     assert_clear_error(r, "--tensorboard needs the tensorboard package", "pip install tensorboard")
     assert os.listdir(tmp_path) == []

@@ -17,6 +17,8 @@ from helpers import (BEST, CHECKPOINT, TINY, folder_digest, load_checkpoint, rea
 from models import build_model, is_binary, released
 from optim import VISPA
 import checkpoint
+from utils import files
+from utils.manifest import Manifest
 from utils.run_dir import RunDir
 from data import DATASETS
 
@@ -141,17 +143,20 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next_one(world, tmp_path)
     r = run_main(*args, "--data_root", tmp_path / "wrong")
     assert r.returncode == 1 and "not found" in r.stderr
     assert not os.path.exists(results)
-    # what a start killed before its first checkpoint leaves: a log, a partial write
-    os.makedirs(os.path.join(results, "run"))
-    with open(os.path.join(results, "run.txt"), "w") as f:
-        f.write("VISPA run run: an earlier start\n")
-    with open(os.path.join(results, "run", f".{CHECKPOINT}.abc123.tmp"), "wb") as f:
+    # what a start killed before its first checkpoint leaves: its log (in its record), a partial write
+    folder = os.path.join(results, "run")
+    os.makedirs(folder)
+    record = Manifest(folder, "run", "0123456789abcdef")
+    files.write_text_atomic("VISPA run run (id 0123456789abcdef): an earlier start\n", folder + ".txt", record)
+    with open(files.temporary_name(os.path.join(folder, CHECKPOINT)), "wb") as f:
         f.write(b"PK\x03\x04 partial")
+    with open(os.path.join(folder, "config.json.mybackup.tmp"), "w") as f:  # a file of the user's
+        f.write("{}")
     r = run_main(*args, "--data_root", world.data)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "an earlier start" not in read_text(os.path.join(results, "run.txt"))
-    assert load_checkpoint(os.path.join(results, "run", CHECKPOINT))["epoch"] == 1
-    assert temporary_files(os.path.join(results, "run")) == []
+    assert "an earlier start" not in read_text(folder + ".txt")
+    assert load_checkpoint(os.path.join(folder, CHECKPOINT))["epoch"] == 1
+    assert temporary_files(folder) == ["config.json.mybackup.tmp"]
 
 
 def test_starting_over_an_existing_run_is_refused(world):

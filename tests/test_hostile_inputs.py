@@ -16,8 +16,8 @@ import torch
 
 import checkpoint
 from data.synthetic import write_image_folders, write_tiny_imagenet
-from helpers import (ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text, run_main,
-                     run_script, start_main, temporary_files, train_tiny)
+from helpers import (ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text,
+                     rewrite_as_the_run, run_main, run_script, start_main, temporary_files, train_tiny)
 from models import build_model, is_binary, packed, released
 from utils import files
 from utils.run_dir import BEST, CHECKPOINT, RunDir
@@ -56,7 +56,7 @@ def resumable(one_epoch, tmp_path, epochs=2):
     shutil.copytree(one_epoch, results)
     run = RunDir(str(results), "run")
     state = load_checkpoint(run.checkpoint)
-    checkpoint.write(dict(state, config=dict(state["config"], epochs=epochs)), run.checkpoint)
+    rewrite_as_the_run(dict(state, config=dict(state["config"], epochs=epochs)), run.checkpoint)
     return results, run
 
 
@@ -151,9 +151,9 @@ def test_a_double_ctrl_c_during_the_checkpoint_write_lets_it_land(cifar10_root, 
         pytest.skip("the slowed-down writer reaches main.py only when it is forked from this process (one thread)")
     real = checkpoint.write
 
-    def slow(content, path):
+    def slow(content, path, owner=None):
         time.sleep(1.5)
-        real(content, path)
+        real(content, path, owner)
     monkeypatch.setattr(checkpoint, "write", slow)  # in this process, and in main.py forked from it
     output = tmp_path / "out"
     process = start_main(*TINY, "--epochs", 3, "--data_root", cifar10_root, "--results_dir", tmp_path,
@@ -437,7 +437,7 @@ def test_a_network_that_does_not_fit_the_dataset_is_refused_before_any_data_is_r
 
 def test_a_rank_too_large_for_memory_is_refused_with_the_figure(cifar10_root, tmp_path):
     line = refused([*TINY, "-K", 1000000, "--data_root", cifar10_root, "--results_dir", tmp_path / "r"],
-                   "-K 1000000: VISPA's state for the", "GiB free", watched=[tmp_path])
+                   "-K 1000000, --width 4: resnet18", "GiB free", watched=[tmp_path])
     needed = float(re.search(r"needs about ([\d,.]+) GiB", line).group(1).replace(",", ""))
     weights = sum(p.numel() for p in build_model("resnet18", 10, 4).parameters() if is_binary(p))
     assert abs(needed - 3 * 1000001 * 4 * weights / 2**30) < 0.1
@@ -453,9 +453,9 @@ def three_epochs(cifar10_root, tmp_path_factory):
     state = load_checkpoint(src.checkpoint)
     history = [dict(row, best_prec1=100.0, best_epoch=1) for row in state["history"]]
     history[0]["val_prec1"] = 100.0
-    checkpoint.write(dict(state, best_epoch=1, best_prec1=100.0, history=history), src.checkpoint)
+    rewrite_as_the_run(dict(state, best_epoch=1, best_prec1=100.0, history=history), src.checkpoint)
     best = load_checkpoint(src.best)  # the state of some epoch, labelled as the first
-    checkpoint.write(dict(best, epoch=1, best_epoch=1, best_prec1=100.0, history=history[:1]), src.best)
+    rewrite_as_the_run(dict(best, epoch=1, best_epoch=1, best_prec1=100.0, history=history[:1]), src.best)
     return results
 
 
@@ -534,3 +534,107 @@ def test_seeds_that_never_started_are_not_called_failed(cifar100_root, tmp_path)
     for seed in (2, 3):
         assert re.search(rf"^  {seed} +not started", out, re.M), out
     assert "FAILED" not in out
+
+
+# ---- round 3: hand-made files, absurd numbers and settings, each one line ---------------------------------
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0", "soon"])
+def test_a_rendezvous_time_that_is_not_a_number_of_seconds_is_one_line(cifar10_root, tmp_path, seconds):
+    refused([*TINY, "--data_root", cifar10_root, "--results_dir", tmp_path / "results"],
+            f"VISPA_RENDEZVOUS_SECONDS={seconds!r}: give the seconds", watched=[tmp_path],
+            env=rank_env(0, 2, free_port(), VISPA_RENDEZVOUS_SECONDS=seconds))
+
+
+def exported_with_state(exported, tmp_path, change):
+    content = files.verify_digest(files.load(exported), exported, "")
+    content["state"] = {name: change(name, tensor) for name, tensor in content["state"].items()}
+    path = str(tmp_path / "hand-made.bnn")
+    packed.save(content, path)
+    return path
+
+
+def test_an_exported_network_with_a_statistic_of_another_dtype_is_refused(exported, cifar100_root, tmp_path):
+    """load_state_dict would cast an int64 running mean silently, and change the result."""
+    path = exported_with_state(exported, tmp_path, lambda name, t: t.round().long() if "running_mean" in name else t)
+    refused(["--evaluate", path, "--data_root", cifar100_root, "--gpus", "cpu"], "is torch.int64 where vgg16 has "
+            "torch.float32", watched=[tmp_path])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mean": [float("nan"), 0.5, 0.5]}, "its mean is not three finite numbers"),
+    ({"source": "a \x1b[2J\x1b[31mred\x1b[0m network"}, "its source is not one printable line of text"),
+    ({"source": "x" * 1_000_000}, "its source is not one printable line of text"),
+], ids=["NaN in the mean", "terminal escapes", "a megabyte of source"])
+def test_an_exported_network_with_unprintable_or_non_finite_fields_is_refused(exported, cifar100_root, tmp_path,
+                                                                               changes, message):
+    path = hand_made(exported, tmp_path, **changes)
+    line = refused(["--evaluate", path, "--data_root", cifar100_root, "--gpus", "cpu"], message, watched=[tmp_path])
+    assert "\x1b" not in line and len(line) < 1000
+
+
+def hand_made_checkpoint(one_epoch, tmp_path, change):
+    results, run = resumable(one_epoch, tmp_path)
+    state = load_checkpoint(run.checkpoint)
+    change(state)
+    rewrite_as_the_run(state, run.checkpoint)
+    return results, run
+
+
+def test_a_checkpoint_whose_ranks_hold_no_random_states_is_one_line_before_anything_is_written(one_epoch, tmp_path):
+    results, run = hand_made_checkpoint(one_epoch, tmp_path, lambda state: state.update(ranks=[{}]))
+    refused(["--resume", run.folder, "--gpus", "cpu"], "the random states of its ranks cannot be restored",
+            watched=[results])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: next(e for e in s["optimizer"]["state"].values() if "M" in e).update(M="a string"),
+     "M is a str, not a tensor"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(K="eight"), "K must be a whole number >= 0, got 'eight'"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr=True), "lr must be a finite number >= 0, got True"),
+], ids=["M a string", "K a word", "lr a bool"])
+def test_an_optimizer_state_that_is_not_vispas_is_one_line(one_epoch, tmp_path, change, message):
+    results, run = hand_made_checkpoint(one_epoch, tmp_path, change)
+    for command in (["--resume", run.folder], ["--evaluate", run.checkpoint],
+                    ["--export", run.checkpoint, "--out", tmp_path / "x.bnn"]):
+        refused([*command, "--gpus", "cpu"], "does not fit this network", message, watched=[tmp_path])
+
+
+def test_more_threads_than_cores_is_one_line(cifar10_root, tmp_path):
+    refused([*TINY, "--threads", 100000, "--data_root", cifar10_root, "--results_dir", tmp_path / "r"],
+            "--threads 100000: this process may use", "give at most that many", watched=[tmp_path])
+
+
+def test_a_network_too_wide_for_memory_is_refused_before_it_is_built(cifar10_root, tmp_path):
+    line = refused([*TINY, "--width", 65536, "--data_root", cifar10_root, "--results_dir", tmp_path / "r"],
+                   "--width 65536: resnet18 (", "GiB free", watched=[tmp_path])
+    network = sum(p.numel() for p in build_model("resnet18", 10, 4).parameters())  # width 4: 1/16384 of it, squared
+    assert f"{network:,}" not in line
+
+
+@pytest.fixture(scope="module")
+def cifar100_ood(tmp_path_factory):
+    from data.synthetic import write_structured_cifar
+    root = str(tmp_path_factory.mktemp("ood"))
+    write_structured_cifar(root, "cifar100", num_train=10, num_test=40, seed=3)
+    return root
+
+
+def test_the_mutual_information_of_a_single_sample_is_not_applicable(one_epoch, cifar100_ood):
+    r = run_main("--evaluate", one_epoch / "run" / BEST, "--gpus", "cpu", "-L", 1, "--ood", "cifar100",
+                 "--ood_data_root", cifar100_ood)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "mutual information" in line)
+    assert "n/a" in row and "L = 1: one sampled network" in row
+
+
+def test_an_out_of_distribution_set_without_images_is_one_line_before_any_result(one_epoch, tmp_path):
+    from data.synthetic import write_cifar
+    root = str(tmp_path / "empty")
+    write_cifar(root, "cifar100", torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    before = folder_digest(one_epoch)
+    r = run_main("--evaluate", one_epoch / "run" / BEST, "--gpus", "cpu", "-L", 1, "--ood", "cifar100",
+                 "--ood_data_root", root)
+    assert folder_digest(one_epoch) == before
+    assert_clear_error(r, "the test set in", "has no images to tell apart")
+    assert "Test:" not in r.stdout

@@ -17,7 +17,7 @@ import torch
 
 from data.synthetic import structured_images, write_cifar
 from helpers import (CHECKPOINT, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint,
-                     read_text, run_main, script_env, start_main, wait_for)
+                     read_text, rewrite_as_the_run, run_main, script_env, start_main, wait_for)
 import checkpoint
 from utils.run_dir import RunDir
 
@@ -60,7 +60,7 @@ def test_resuming_from_model_best_is_refused_and_rewind_goes_back_explicitly(fin
     best_epoch = load_checkpoint(run.best)["epoch"]
     if best_epoch == 3:  # make the best epoch an earlier one, as it is in most runs
         best = load_checkpoint(run.best)
-        checkpoint.write(dict(best, epoch=2, history=best["history"][:2]), run.best)
+        rewrite_as_the_run(dict(best, epoch=2, history=best["history"][:2]), run.best)
         best_epoch = 2
     line = refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
                    f"is not the latest checkpoint of the run 'three' (it is at epoch {best_epoch}; its "
@@ -82,7 +82,7 @@ def test_model_best_at_the_latest_epoch_is_refused_for_what_it_lacks(finished, c
     latest = load_checkpoint(run.checkpoint)
     without = {i: {k: v for k, v in entry.items() if "momentum" not in k}
                for i, entry in latest["optimizer"]["state"].items()}
-    checkpoint.write(dict(latest, optimizer=dict(latest["optimizer"], state=without)), run.best)
+    rewrite_as_the_run(dict(latest, optimizer=dict(latest["optimizer"], state=without)), run.best)
     refused(["--resume", run.best, "--data_root", cifar10_root, "--gpus", "cpu"],
             f"{run.best} is at the run's latest epoch (3) but is not its checkpoint; it holds no momenta",
             f"resume with --resume {run.folder}, which goes on exactly from {run.checkpoint}",
@@ -98,8 +98,7 @@ def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar1
     assert state["data_root"] == os.path.abspath(cifar10_root)
 
     def unfinished(data_root):  # the same run, with a fourth epoch still to train
-        checkpoint.write(dict(state, data_root=data_root, config=dict(state["config"], epochs=4)),
-                               run.checkpoint)
+        rewrite_as_the_run(dict(state, data_root=data_root, config=dict(state["config"], epochs=4)), run.checkpoint)
 
     moved = str(tmp_path / "moved")
     unfinished(moved)

@@ -4,7 +4,6 @@ augmentation on the device against torchvision's RandomResizedCrop + flip."""
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import data.tiny_imagenet as tiny
 from data import DATASETS, DatasetError, normalize
 from data.device_loader import random_resized_crop_flip, resized_crop_boxes, resized_crop_flip
 from data.synthetic import write_tiny_imagenet
+from utils import files
 
 SPEC = DATASETS["tiny-imagenet"]
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
@@ -155,7 +155,7 @@ def test_a_cache_that_cannot_be_written_costs_only_the_decoding(dataset, monkeyp
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # as a folder that cannot be written
+    monkeypatch.setattr(files, "temporary_name", read_only)  # as a folder that cannot be written
     images, labels = read(root, "train")
     assert images.shape == (24, 3, 64, 64)
     assert "cannot write the cache (Permission denied)" in capsys.readouterr().err

@@ -422,3 +422,81 @@ def test_network_without_binary_weights_is_refused():
 def test_invalid_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError):
         tiny(**bad)
+
+
+# ---- misuse of the library: refused at once, with what to do --------------------------------------------
+
+@pytest.mark.parametrize("bad", [dict(K=True), dict(K="eight"), dict(K=2.0), dict(S=True), dict(lr="0.1")])
+def test_hyperparameters_that_are_not_numbers_of_their_kind_are_refused_by_name(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"^{name} must be a"):
+        tiny(**bad)
+
+
+def test_numpy_integers_are_whole_numbers():
+    model, opt = tiny(K=np.int64(2))
+    assert opt.param_groups[0]["K"] == 2 and type(opt.param_groups[0]["K"]) is int
+    assert opt.state[model.conv.weight]["Z"].shape[0] == 2
+
+
+def test_a_network_converted_after_the_optimizer_was_built_is_named_at_the_first_sample():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = VISPA(model.parameters(), lr=0.1, K=2)
+    model.double()
+    with pytest.raises(ValueError, match="the network was converted after VISPA was built"):
+        with opt.sampled_params():
+            pass
+
+
+def test_a_parameter_listed_twice_is_refused_as_such():
+    torch.manual_seed(0)
+    model = Tiny()
+    with pytest.raises(ValueError, match="a parameter is listed twice"):
+        VISPA([model.conv.weight, model.conv.weight, model.fc.weight], lr=0.1)
+
+
+def test_a_binary_weight_of_zeros_is_refused_as_such():
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        model.conv.weight.zero_()
+    with pytest.raises(ValueError, match="is all zeros"):
+        VISPA(model.parameters(), lr=0.1)
+
+
+def test_a_zero_dimensional_parameter_cannot_be_marked_binary():
+    from models import mark_binary
+    with pytest.raises(ValueError, match="at least one dimension, got a 0-d tensor"):
+        mark_binary(nn.Parameter(torch.tensor(0.5)))
+
+
+def test_given_draws_of_the_wrong_shape_are_refused_before_any_weight_is_written():
+    model, opt = tiny(K=3)
+    before = [p.clone() for p in binary_params(model)]
+    with pytest.raises(ValueError, match=r"must be a tensor of shape \(3,\), got \(2,\)"):
+        with opt.sampled_params(draws=[torch.zeros(3), torch.zeros(2)]):
+            pass
+    assert all(torch.equal(a, p) for a, p in zip(before, binary_params(model)))
+
+
+def test_sampled_contexts_do_not_nest():
+    """The inner one's end would leave the outer sample as sign(M): refused, and the outer
+    context's sample and gradient are as they would be alone."""
+    model, opt = tiny(seed=4)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    with opt.sampled_params(train=True) as draws:
+        sample = [p.clone() for p in binary_params(model)]
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with opt.sampled_params(train=True):
+                pass
+        with pytest.raises(RuntimeError, match="mean_params\\(\\) inside sampled_params\\(\\)"):
+            with opt.mean_params():
+                pass
+        assert all(torch.equal(a, p) for a, p in zip(sample, binary_params(model)))
+        model(x).sum().backward()
+    reference, again = tiny(seed=4)
+    with again.sampled_params(train=True, draws=draws):
+        reference(x).sum().backward()
+    for p, q in zip(binary_params(model), binary_params(reference)):
+        assert torch.equal(opt.state[p]["M"].grad, again.state[q]["M"].grad)

@@ -9,6 +9,7 @@ the logs and checkpoints. Without torchrun there is one rank, and every operatio
 here does nothing.
 """
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,10 +66,15 @@ def from_environment(environment=os.environ) -> World:
 def rendezvous_seconds(environment=os.environ) -> float:
     """How long the ranks wait for each other: at the start, and at every collective
     operation (VISPA_RENDEZVOUS_SECONDS, default 600)."""
+    text = environment.get("VISPA_RENDEZVOUS_SECONDS", "600")
     try:
-        return max(1.0, float(environment.get("VISPA_RENDEZVOUS_SECONDS", "600")))
+        seconds = float(text)
     except ValueError:
-        return 600.0
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 1 <= seconds <= 7 * 24 * 3600):
+        raise RankError(f"VISPA_RENDEZVOUS_SECONDS={text!r}: give the seconds the ranks wait for each other, a "
+                        f"number from 1 to 604800 (a week); the default is 600")
+    return seconds
 
 
 def start(world: World, device: torch.device):

@@ -16,7 +16,7 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import threading
 
 import torch
@@ -82,55 +82,90 @@ def verify_digest(obj: dict, path: str, what: str) -> dict:
 
 
 class _Writer:
-    """The file object torch.save writes through. torch.save reports a failed write
-    (a full disk, a file-size limit) only as "unexpected pos"; this keeps the
-    operating system's error so that the message can say what happened."""
+    """The file object a new file is written through. It hashes what passes (the file's
+    sha256, for the record of the run that owns it, without reading the file again), and
+    keeps the operating system's error: torch.save reports a failed write (a full disk,
+    a file-size limit) only as "unexpected pos"."""
 
     def __init__(self, file):
         self.file = file
         self.error = None
+        self.size = 0
+        self.sha256 = hashlib.sha256()
 
     def write(self, data):
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as error:
             self.error = error
             raise
+        self.sha256.update(data)
+        self.size += len(data)
+        return written
 
     def flush(self):
         self.file.flush()
 
 
-def save_atomic(obj, path: str):
-    """Write ``obj`` to ``path`` through a temporary file in the same folder, flushed
-    to disk and renamed over ``path``: ``path`` is always the old or the new file,
-    whole. A failed write removes the temporary file and raises FileError."""
+# A temporary file of ours: hidden, named after the file it becomes, with 12 hex digits
+# of its own. Only names of exactly this form are ever taken for leftovers of a write.
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.tmp")
+
+
+def temporary_name(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+
+
+def write_atomic(path: str, fill, owner=None):
+    """Write a new file at ``path``: ``fill(f)`` writes its bytes into a temporary file in
+    the same folder, which is flushed to disk and renamed over ``path``, so ``path`` is
+    always the old or the new file, whole, and a file that shares the old one's content
+    under another name (a hard link) keeps it. ``owner`` (the record of a run,
+    ``utils/manifest.py``) learns the new file's identity before the rename. A failed
+    write removes the temporary file and raises FileError."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        tmp = temporary_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as error:
         raise FileError(f"could not write {path}: {error.strerror or error}; "
                         f"the previous file there is unchanged", error.strerror) from None
     writer = None
     try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; a checkpoint is not
+        os.fchmod(fd, 0o666 & ~umask())  # a run's files are as readable as any the user makes
         with os.fdopen(fd, "wb") as f:
             writer = _Writer(f)
-            torch.save(obj, writer)
+            fill(writer)
             f.flush()
             os.fsync(f.fileno())
+        if owner is not None:
+            owner.expect(path, tmp, writer.size, writer.sha256.hexdigest())
         os.replace(tmp, path)
     except BaseException as error:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if owner is not None:
+            owner.abandon(path)
         cause = writer.error if writer is not None and writer.error is not None else error
         if isinstance(cause, OSError):
             raise FileError(f"could not write {path}: {cause.strerror or cause}; "
                             f"the previous file there is unchanged", cause.strerror) from None
         raise
     _fsync_folder(folder)
+    if owner is not None:
+        owner.settle(path)
+
+
+def save_atomic(obj, path: str, owner=None):
+    """``torch.save(obj)`` to ``path`` by ``write_atomic``."""
+    write_atomic(path, lambda f: torch.save(obj, f), owner)
+
+
+def write_text_atomic(text: str, path: str, owner=None):
+    write_atomic(path, lambda f: f.write(text.encode()), owner)
 
 
 def umask() -> int:
@@ -270,9 +305,11 @@ def load(path: str, map_location="cpu", mmap=False, what="checkpoint") -> dict:
         raise FileError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
     if not mmap:
         bad = _first_non_finite(obj)
-        if bad is not None:
+        if bad is not None and what == "checkpoint":
             raise FileError(f"{path} holds non-finite values (NaN or infinity) in {bad}: the run it "
                             f"comes from had diverged; use an earlier checkpoint")
+        if bad is not None:
+            raise FileError(f"{path} holds non-finite values (NaN or infinity) in {bad}: not a {what} to use")
     return obj
 
 

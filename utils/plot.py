@@ -1,43 +1,81 @@
 """Draw runs' training curves, and a reliability diagram of an evaluation's predictions.
 
     python -m utils.plot results/RUN [results/RUN ...] --out curves.png
-    python -m utils.plot results/RUN --predictions preds.pt --out curves.png
+    python -m utils.plot results/RUN_seed=* --predictions preds.pt --out curves.png
 
-Four panels over the epochs: the loss (training, and the L-sample test loss), the test
-top-1 (L samples), the mean network sign(M)'s test top-1, and the ECE of the L-sample
-predictive. Runs of one configuration (``utils.summarize``'s grouping: the same name but
-the seed, the same config.json but the seed) are drawn as their mean with a band of
-± one standard deviation over the seeds. ``--predictions FILE.pt`` (``main.py --evaluate
-CKPT --predictions FILE.pt``) adds a reliability diagram: per confidence bin, the accuracy
-against the mean confidence, for the L-sample predictive and the mean network.
-matplotlib is optional: without it, one line says how to get it.
+Three panels over the epochs: the loss (training, and the L-sample test loss), the test
+top-1 (the L-sample predictive, the mean network sign(M) and, where the runs have it,
+the deployed network: sign(M) with BatchNorm statistics of its own), and the ECE of the
+L-sample predictive. Runs of one configuration (``utils.summarize``'s grouping: the same
+name but the seed, the same config.json but the seed) are drawn as their mean with a
+band of ± one standard deviation over the seeds. A run may be named by its folder or by
+its log (``results/<save>.txt``), so the shell pattern of the example picks each run
+once; what is not a run is skipped with a word. ``--predictions FILE.pt`` (``main.py
+--evaluate CKPT --predictions FILE.pt``) adds a reliability diagram: per confidence
+bin, the accuracy against the mean confidence, the number of images and the ECE.
+
+Every input is checked before anything is drawn, and the image is written like every
+file of this program: by rename, never through a link, and over an existing file only
+with ``--overwrite`` and only if it is a plot of this program. matplotlib is optional:
+without it, one line says how to get it.
 """
 import argparse
+import io
 import math
 import os
 import statistics
 import sys
 
+from . import predictions as predictions_file
+from .files import FileError, write_atomic
 from .meters import ECE_BINS
-from .run_dir import RunDir
+from .run_dir import NotOurs, RunDir, check_output
 from .summarize import configuration, settings_of
 
-PANELS = [("loss", ("train_loss", "val_loss")), ("test top-1 (%), L samples", ("val_prec1",)),
-          ("test top-1 (%), mean network sign(M)", ("mean_prec1",)), ("ECE (%), L-sample predictive", ("val_ece",))]
+FORMATS = (".png", ".pdf", ".svg")
+MARK = "vispa utils.plot"  # in the image's metadata: how --overwrite knows a plot of ours
+ACCURACY = (("val_prec1", "L-sample predictive"), ("mean_prec1", "mean network sign(M)"),
+            ("deployed_prec1", "deployed: sign(M), own BatchNorm statistics"))
+PANELS = [("loss", (("train_loss", "train"), ("val_loss", "test"))), ("test top-1 (%)", ACCURACY),
+          ("ECE (%), L-sample predictive", (("val_ece", None),))]
 
 
-def groups_of(folders):
-    """{configuration label: [rows of metrics.csv of each run]} of the run folders."""
-    groups = {}
-    for folder in folders:
+class Refused(Exception):
+    """An input that cannot be drawn; the message says why."""
+
+
+def runs_of(paths):
+    """The run folders among ``paths`` (a folder, or a run's log ``<save>.txt``), each once,
+    in order; what is not a run is skipped with a word on stderr."""
+    found = {}
+    for path in paths:
+        folder = path[:-len(".txt")] if path.endswith(".txt") and os.path.isdir(path[:-len(".txt")]) else path
         run = RunDir(os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder)))
+        if not os.path.isfile(run.metrics):
+            print(f"skipping {path}: not a run (no {os.path.basename(run.metrics)})", file=sys.stderr)
+            continue
+        found.setdefault(os.path.realpath(run.folder), run)
+    return list(found.values())
+
+
+def groups_of(paths):
+    """{configuration label: [rows of metrics.csv of each run]} of the runs in ``paths``.
+    Refused: a run whose metrics cannot be read; a run without a finished epoch is
+    skipped with a word."""
+    groups = {}
+    for run in runs_of(paths):
         try:
             rows = run.read_metrics()
         except (OSError, KeyError, ValueError, TypeError) as error:
-            raise SystemExit(f"error: {folder}: cannot read its metrics.csv ({error})")
+            raise Refused(f"{run.folder}: cannot read its metrics.csv ({error})") from None
+        if not rows:
+            print(f"skipping {run.folder}: no finished epoch yet", file=sys.stderr)
+            continue
         settings = settings_of(run)
         key = (configuration(run.name), repr(sorted((settings or {}).items())))
         groups.setdefault(key, []).append(rows)
+    if not groups:
+        raise Refused("no run with a finished epoch to draw")
     labels = {}
     for (name, settings), runs in groups.items():
         label = name if sum(1 for other, _ in groups if other == name) == 1 else f"{name} ({settings[:60]})"
@@ -49,7 +87,8 @@ def band(runs, column):
     """(epochs, mean, std) over the runs of ``column``, epoch by epoch, where a value exists."""
     epochs, means, stds = [], [], []
     for epoch in sorted({row["epoch"] for rows in runs for row in rows}):
-        values = [row[column] for rows in runs for row in rows if row["epoch"] == epoch and row[column] is not None]
+        values = [row[column] for rows in runs for row in rows
+                  if row["epoch"] == epoch and row.get(column) is not None]
         if values:
             epochs.append(epoch)
             means.append(statistics.fmean(values))
@@ -57,72 +96,125 @@ def band(runs, column):
     return epochs, means, stds
 
 
-def reliability(predictions):
-    """[(mean confidence, accuracy, share of images)] per bin of each distribution in the
-    file of ``--predictions``: {"L-sample predictive": bins, "mean network": bins}."""
+def reliability(content):
+    """{name: (ECE in percent, [(mean confidence, accuracy, images)] per non-empty bin)} of
+    each distribution in a file of predictions (``utils.predictions.read``)."""
     import torch
-    content = torch.load(predictions, map_location="cpu", weights_only=True)
     curves = {}
-    for name, key in (("L-sample predictive", "probs"), ("mean network sign(M)", "mean_probs")):
+    for name, key in (("L-sample predictive", "probs"), ("mean network sign(M)", "mean_probs"),
+                      ("deployed network", "deployed_probs")):
+        if key not in content:
+            continue
         confidence, predicted = content[key].double().max(1)
         correct = predicted.eq(content["labels"]).double()
-        edges = torch.linspace(0, 1, ECE_BINS + 1)
+        edges = torch.linspace(0, 1, ECE_BINS + 1)  # the bins of utils.meters, which the printed ECE has
         bins = (torch.bucketize(confidence.float(), edges, right=True) - 1).clamp(0, ECE_BINS - 1)
-        curve = []
+        curve, ece = [], 0.0
         for b in range(ECE_BINS):
             inside = bins == b
-            if inside.any():
-                curve.append((confidence[inside].mean().item(), correct[inside].mean().item(),
-                              inside.double().mean().item()))
-        curves[name] = curve
+            count = int(inside.sum())
+            if count:
+                conf, acc = confidence[inside].mean().item(), correct[inside].mean().item()
+                curve.append((conf, acc, count))
+                ece += count / len(correct) * abs(acc - conf)
+        curves[name] = (100 * ece, curve)
     return curves
 
 
-def draw(groups, out, predictions=None):
+def is_our_plot(path) -> bool:
+    """Whether ``path`` is an image this program drew (its metadata carries the mark)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib, which is not installed: pip install matplotlib")
-    panels = PANELS + ([("reliability", ())] if predictions else [])
-    columns = 3 if len(panels) > 4 else 2
-    figure, axes = plt.subplots(math.ceil(len(panels) / columns), columns, figsize=(6 * columns, 4 * math.ceil(
-        len(panels) / columns)), squeeze=False)
+        with open(path, "rb") as f:
+            return MARK.encode() in f.read(1 << 24)
+    except OSError:
+        return False
+
+
+def metadata(extension):
+    return {".png": {"Software": MARK}, ".pdf": {"Creator": MARK}, ".svg": {"Creator": MARK}}[extension]
+
+
+def draw(groups, out, content=None):
+    """The figure, as the bytes of the image ``out`` names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    panels = PANELS + ([("reliability", ())] if content is not None else [])
+    columns = 2 if len(panels) == 4 else 3
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
         if title == "reliability":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
-            for name, curve in reliability(predictions).items():
-                ax.plot([c for c, _, _ in curve], [a for _, a, _ in curve], marker="o", label=name)
-            ax.set(title=f"reliability ({os.path.basename(predictions)})", xlabel="confidence", ylabel="accuracy")
-        else:
-            for label, runs in groups.items():
-                for key in keys:
-                    epochs, mean, std = band(runs, key)
-                    name = label + (f" {key.split('_')[0]}" if len(keys) > 1 else "") + \
-                        (f" (n={len(runs)})" if len(runs) > 1 else "")
-                    line, = ax.plot(epochs, mean, label=name)
-                    low = [max(m - s, m / 10) if title == "loss" else m - s for m, s in zip(mean, std)]  # log scale
-                    ax.fill_between(epochs, low, [m + s for m, s in zip(mean, std)], color=line.get_color(),
-                                    alpha=0.2)
-            ax.set(title=title, xlabel="epoch")
-            if title == "loss":
-                ax.set_yscale("log")
+            reliability_panel(ax, reliability(content), os.path.basename(out))
+            continue
+        for label, runs in groups.items():
+            n = f" (n={len(runs)})" if len(runs) > 1 else ""
+            for key, what in keys:
+                epochs, mean, std = band(runs, key)
+                if not epochs:
+                    continue
+                line, = ax.plot(epochs, mean, marker="o" if len(epochs) < 20 else None, markersize=3,
+                                linestyle="--" if key.startswith("deployed") else "-",
+                                label=label + (f", {what}" if what else "") + n)
+                low = [max(m - s, m / 10) if title == "loss" else m - s for m, s in zip(mean, std)]  # log scale
+                ax.fill_between(epochs, low, [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if title == "loss":
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+        figure.delaxes(ax)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    image = io.BytesIO()
+    extension = os.path.splitext(out)[1].lower()
+    figure.savefig(image, format=extension[1:], dpi=100, metadata=metadata(extension))
+    plt.close(figure)
+    return image.getvalue()
+
+
+def reliability_panel(ax, curves, name):
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    counts = ax.twinx()
+    width = 1 / ECE_BINS
+    for i, (label, (ece, curve)) in enumerate(curves.items()):
+        line, = ax.plot([c for c, _, _ in curve], [a for _, a, _ in curve], marker="o",
+                        label=f"{label}: ECE {ece:.2f}%")
+        counts.bar([c + (i - 1) * width / 4 for c, _, _ in curve], [n for _, _, n in curve], width=width / 4,
+                   color=line.get_color(), alpha=0.25)
+    counts.set_ylabel("images per bin (bars)")
+    ax.set(title=f"reliability ({name}, {ECE_BINS} bins)", xlabel="confidence", ylabel="accuracy",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Training curves of runs (mean ± std over the seeds of a "
                                                  "configuration), and a reliability diagram of predictions.")
-    parser.add_argument("runs", nargs="+", help="run folders (results/<save>)")
-    parser.add_argument("--out", required=True, help="the image to write (.png, .pdf, .svg)")
-    parser.add_argument("--predictions", default=None, help="a file of main.py --evaluate ... --predictions")
+    parser.add_argument("runs", nargs="+", help="run folders (results/<save>) or their logs (results/<save>.txt)")
+    parser.add_argument("--out", required=True, help="the image to write: .png, .pdf or .svg")
+    parser.add_argument("--predictions", default=None,
+                        help="a file of main.py --evaluate CHECKPOINT --predictions FILE: adds a reliability diagram")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a plot of this program")
     args = parser.parse_args(argv)
-    draw(groups_of(args.runs), args.out, args.predictions)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: plotting needs matplotlib, which is not installed: pip install matplotlib", file=sys.stderr)
+        return 1
+    try:  # every input first, then the figure, then the file
+        check_output(args.out, args.overwrite, is_our_plot, "--out", "a plot")
+        if os.path.splitext(args.out)[1].lower() not in FORMATS:
+            raise Refused(f"--out {args.out!r}: the image is a {', '.join(FORMATS)} file; give one of these "
+                          f"extensions")
+        groups = groups_of(args.runs)
+        content = predictions_file.read(args.predictions) if args.predictions else None
+        image = draw(groups, args.out, content)
+        write_atomic(args.out, lambda f: f.write(image))
+    except (Refused, NotOurs, FileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

@@ -6,9 +6,17 @@
     results/<name>/metrics.csv          one row per finished epoch, for machines
     results/<name>/checkpoint.pth.tar   everything the run needs to go on after its last epoch
     results/<name>/model_best.pth.tar   the best epoch's network and distribution (no momenta)
+    results/<name>/tb/                  TensorBoard events (--tensorboard), one file per epoch
     results/<name>/console.log          what a run started by the benchmark scripts printed
     results/<name>/.lock                held (flock) by the process that writes the run; the
                                         kernel lets go of it when that process ends, however
+    results/<name>/.manifest.json       the record of every file the run wrote: the files that
+                                        are its own (utils/manifest.py)
+
+The rule every writer here obeys: a file is replaced only by rename, and only if it is
+the writer's own (a run's: listed in its record and unchanged; a single output file of
+--export, --predictions or utils.plot: ``check_output``); a file no one of ours wrote is
+never replaced or deleted, --overwrite included.
 
 Exit statuses of main.py: 0 done; 1 an error (one line on stderr); 2 a bad command
 line; 3 the training diverged; 128 + the signal number after SIGINT / SIGTERM.
@@ -16,14 +24,18 @@ line; 3 the training diverged; 128 + the signal number after SIGINT / SIGTERM.
 import csv
 import errno
 import fcntl
+import io
 import json
 import math
 import os
 import re
 import signal
+import stat
 import tempfile
 from dataclasses import dataclass
 
+from .files import TEMPORARY, FileError, load, write_text_atomic
+from .manifest import NAME, ForeignRecord, Manifest, identity_of
 from .runlog import parse_best_line
 
 CHECKPOINT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
@@ -83,9 +95,10 @@ class RunInUse(Exception):
     """Another process holds the run's lock."""
 
 
-class NotARun(Exception):
-    """A file where a run would write that this program did not write (a symbolic link,
-    a file of the user's): it is never written through, replaced or removed."""
+class NotOurs(Exception):
+    """A file where this program would write that it did not write (a symbolic link, a
+    file of the user's, a file changed since): it is never written through, replaced or
+    removed."""
 
 
 # The first line of every log: what only this program writes, and the run's identity.
@@ -112,7 +125,11 @@ class RunStatus:
 
 
 class RunDir:
-    """The files of the run ``name`` in ``results_dir``."""
+    """The files of the run ``name`` in ``results_dir``.
+
+    Which files are the run's own is decided by its record (``utils/manifest.py``), never
+    by what a file holds: a file here that the record does not list, unchanged, is
+    foreign, and nothing replaces or deletes it. Every file is replaced by rename."""
 
     def __init__(self, results_dir: str, name: str):
         self.results_dir, self.name = results_dir, name
@@ -124,6 +141,7 @@ class RunDir:
         self.config = os.path.join(self.folder, CONFIG)
         self.console = os.path.join(self.folder, CONSOLE)
         self.tensorboard = os.path.join(self.folder, "tb")  # --tensorboard's event files
+        self.record = None  # the record of the run's files, once the folder is taken (prepare)
 
     def holds_run(self) -> bool:
         """A folder holds a run once it has a checkpoint, a row of metrics or a logged
@@ -144,27 +162,65 @@ class RunDir:
             return False
 
     def files(self):
-        """The run's own files, where they would be."""
-        return [self.log, self.checkpoint, self.best, self.metrics, self.config, self.console,
-                os.path.join(self.folder, LOCK)]
+        """The files a run replaces or deletes, where they would be: its log, checkpoints,
+        metrics and settings, and its TensorBoard events."""
+        return [self.log, self.checkpoint, self.best, self.metrics, self.config] + self.events()
 
-    def check_ours(self):
-        """NotARun unless every file of the run that exists is one this program wrote: a
-        regular file (not a symbolic link, which a write would follow), the log starting
-        with its header line, metrics.csv with its header, config.json a JSON object, the
-        checkpoints of this program's format. Called before anything is written: even
-        --overwrite replaces only what a run wrote."""
+    def events(self):
+        """The files in tb/ (none if it is not a folder)."""
+        if os.path.islink(self.tensorboard) or not os.path.isdir(self.tensorboard):
+            return []
+        return [os.path.join(self.tensorboard, name) for name in sorted(os.listdir(self.tensorboard))]
+
+    def read_record(self):
+        """The record of the run's files: the folder's ``.manifest.json``; for a run of an
+        earlier version of this program, which kept none, one made from its files when
+        they show that they belong together (the run id on the log's first line is the one
+        its checkpoint carries); else None. NotOurs if the record is not one of ours."""
+        try:
+            record = Manifest.read(self.folder)
+        except ForeignRecord as error:
+            raise NotOurs(str(error)) from None
+        return record if record is not None else self._record_of_earlier_version()
+
+    def _record_of_earlier_version(self):
+        logged = self.identity()
+        if logged is None or logged not in (_run_id_of(self.checkpoint), _run_id_of(self.best)):
+            return None
+        record = Manifest(self.folder, self.name, logged)
+        looks_ours = ((self.log, _is_a_log), (self.metrics, _is_metrics), (self.config, _is_settings),
+                      (self.checkpoint, _is_checkpoint), (self.best, _is_checkpoint))
+        found = [path for path, test in looks_ours if _regular(path) and test(path)]
+        found += [path for path in self.events() if _regular(path) and ".tfevents." in os.path.basename(path)]
+        record.entries = {record._key(path): [identity_of(path)] for path in found}
+        return record
+
+    def check_ours(self, tensorboard=False):
+        """NotOurs unless every file here that a run would replace or delete is this
+        run's own (listed in its record, unchanged), its lock is a lock, and, where the run
+        writes TensorBoard events, tb/ is a folder. Called before anything is written or
+        deleted: even --overwrite replaces only what the run wrote."""
+        try:
+            self._check_ours(tensorboard)
+        except NotOurs:
+            if getattr(self, "_lock_fd", None) is None and self.in_use():  # another process is writing it now
+                raise RunInUse(f"{self.folder} is in use by another run; wait for it to end, or choose another "
+                               f"--save") from None
+            raise
+
+    def _check_ours(self, tensorboard):
+        record = self.read_record()
+        if tensorboard and os.path.lexists(self.tensorboard) and \
+                (os.path.islink(self.tensorboard) or not os.path.isdir(self.tensorboard)):
+            raise NotOurs(f"{self.tensorboard} is {'a symbolic link' if os.path.islink(self.tensorboard) else 'not a folder'}: "
+                          f"a run writes its TensorBoard events into a folder tb/ of its own; move it, or choose "
+                          f"another --save")
         for path in self.files():
-            if os.path.islink(path):
-                raise NotARun(f"{path} is a symbolic link: a run never writes through a link it did not make; "
-                              f"remove it, or choose another --save")
-            if os.path.lexists(path) and not os.path.isfile(path):
-                raise NotARun(f"{path} is not a file: choose another --save")
-        for path, ours in ((self.log, _is_a_log), (self.metrics, _is_metrics), (self.config, _is_settings),
-                           (self.checkpoint, _is_checkpoint), (self.best, _is_checkpoint)):
-            if os.path.isfile(path) and os.path.getsize(path) and not ours(path):
-                raise NotARun(f"{path} exists and was not written by a run of this program: it is never "
-                              f"replaced, even with --overwrite; move it, or choose another --save")
+            if os.path.lexists(path) and not (record is not None and record.owns(path)):
+                raise NotOurs(foreign(path, "a run"))
+        lock = os.path.join(self.folder, LOCK)
+        if os.path.lexists(lock) and not _is_a_lock(lock):
+            raise NotOurs(_not_a_lock(lock))
 
     def identity(self):
         """The run id on the first line of the log (None: no log, or one written before
@@ -193,14 +249,18 @@ class RunDir:
 
     def lock(self):
         """Hold the run's lock for the life of this process: a second process that would
-        write the same run is refused (RunInUse). The folder is created if need be."""
+        write the same run is refused (RunInUse). The folder is created if need be. The
+        lock file holds the process id, written only into a lock file that has no other
+        name (a hard link is never written through)."""
         os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, LOCK)
+        if os.path.lexists(path) and not _is_a_lock(path):
+            raise NotOurs(_not_a_lock(path))
         try:
-            fd = os.open(os.path.join(self.folder, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
             if error.errno == errno.ELOOP:
-                raise NotARun(f"{os.path.join(self.folder, LOCK)} is a symbolic link: a run never writes "
-                              f"through a link it did not make") from None
+                raise NotOurs(f"{path} is a symbolic link: a run never writes through a link it did not make") from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,32 +269,63 @@ class RunDir:
             os.close(fd)
             raise RunInUse(f"{self.folder} is in use by another run (process {holder}); wait for it "
                            f"to end, or choose another --save") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
-    def prepare(self, start_over: bool):
-        """Create the folder (or take over an existing one): check that it can be written,
-        remove what writes killed midway left (temporary files) and, with ``start_over``,
-        the previous run's files."""
+    def prepare(self, run_id: str, start_over: bool, new: bool, tensorboard: bool = False):
+        """Take the folder (locked, its files checked: ``check_ours``): check that it (and
+        tb/, where the run writes events there) can be written, remove what writes killed
+        midway left (temporary files of ours only, by their exact names), with
+        ``start_over`` the previous run's files, and keep the record of the run's files
+        from now on (a ``new`` run starts its own)."""
         os.makedirs(self.folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=self.folder)
-        os.close(fd)
-        os.unlink(probe)
-        leftovers = [os.path.join(self.folder, name) for name in os.listdir(self.folder)
-                     if name.endswith(".tmp") and (name.startswith((f"{METRICS}.", f"{CONFIG}.")) or
-                                                   name.startswith((f".{CHECKPOINT}.", f".{BEST}.")))]
-        if start_over:
-            leftovers += [p for p in (self.checkpoint, self.best, self.metrics, self.config, self.log)
-                          if os.path.exists(p)]
-        for path in leftovers:
+        for folder in [self.folder] + ([self.tensorboard] if tensorboard and os.path.isdir(self.tensorboard) else []):
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, folder) from None
+            os.close(fd)
+            os.unlink(probe)
+        record = self.read_record() or Manifest(self.folder, self.name, run_id)
+        for path in self._leftovers():
             os.unlink(path)
+        if start_over:
+            for path in self.files():
+                if record.owns(path):
+                    record.remove(path)
+            if os.path.isdir(self.tensorboard) and not os.path.islink(self.tensorboard) and \
+                    not os.listdir(self.tensorboard):
+                os.rmdir(self.tensorboard)
+        if new:
+            record.start_over(self.name, run_id)
+        else:
+            record._save()  # a run of an earlier version: its record from now on
+        self.record = record
+
+    def _leftovers(self):
+        """Temporary files of interrupted writes of this run's files: hidden, named after
+        one of them with 12 hex digits of their own, regular files with no other name."""
+        names = {os.path.basename(p) for p in (self.checkpoint, self.best, self.metrics, self.config)}
+        places = [(self.folder, names | {NAME}), (self.results_dir, {os.path.basename(self.log)})]
+        if os.path.isdir(self.tensorboard) and not os.path.islink(self.tensorboard):
+            places.append((self.tensorboard, None))
+        found = []
+        for folder, wanted in places:
+            for name in os.listdir(folder):
+                match = TEMPORARY.fullmatch(name)
+                path = os.path.join(folder, name)
+                if match and (wanted is None or match.group("name") in wanted) and _regular(path):
+                    found.append(path)
+        return found
 
     def write_metrics(self, history):
-        _write_atomic(self.metrics, lambda f: _write_csv(f, history))
+        write_text_atomic(_csv_text(history), self.metrics, self.record)
 
     def write_config(self, settings: dict):
-        _write_atomic(self.config, lambda f: f.write(json.dumps(settings, indent=1) + "\n"))
+        write_text_atomic(json.dumps(settings, indent=1) + "\n", self.config, self.record)
 
     def read_metrics(self) -> list:
         """The rows of metrics.csv with numbers for numbers; ValueError for a value that
@@ -274,6 +365,61 @@ class RunDir:
                          at_best["mean_prec1"] if at_best else None)
 
 
+def foreign(path: str, writer: str) -> str:
+    """The refusal to replace or delete a file that ``writer`` did not write."""
+    if os.path.islink(path):
+        return (f"{path} is a symbolic link: {writer} never writes through a link it did not make; remove it, "
+                f"or choose another name")
+    if not os.path.isfile(path):
+        return f"{path} is not a file: {writer} writes files only; choose another name"
+    return (f"{path} exists and was not written by {writer} of this program (or was changed since): it is never "
+            f"replaced or deleted, even with --overwrite; move it, or choose another name")
+
+
+def _not_a_lock(path: str) -> str:
+    if os.path.islink(path):
+        return f"{path} is a symbolic link: a run never writes through a link it did not make; remove it"
+    return (f"{path} is not a lock of this program (not a file, or it holds something other than a process id): "
+            f"it is never written; move it, or choose another --save")
+
+
+# ---- the files a command writes outside a run: --export's --out, --predictions, utils.plot's --out ----
+
+RUN_FILE_NAMES = (CHECKPOINT, BEST, METRICS, CONFIG, CONSOLE, LOCK, NAME, "tb")
+
+
+def check_output(path: str, overwrite: bool, is_ours, what: str, kind: str):
+    """NotOurs unless a command may write its one output file at ``path``: a new file in
+    a folder that exists, or with ``overwrite`` a file that ``is_ours(path)`` recognises
+    as ``kind``, one this program writes (its format and digest); never a link, a
+    folder, a file of a run or a name a run uses in its folder, nor anything in the folder
+    of a run being trained. The file is then written by ``utils.files.write_atomic``."""
+    if not path:
+        raise NotOurs(f"{what} needs a file name, got an empty one (an unset shell variable?)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise NotOurs(f"cannot write {what} {path}: the folder {folder} does not exist")
+    if os.path.islink(path):
+        raise NotOurs(f"{what} {path} is a symbolic link: it is never written through; remove it, or choose another")
+    if os.path.isdir(path):
+        raise NotOurs(f"{what} {path} is a folder: give a file name")
+    holder = RunDir(os.path.dirname(folder), os.path.basename(folder))
+    in_run_folder = any(os.path.lexists(os.path.join(folder, name)) for name in (LOCK, NAME))
+    name = os.path.basename(path)
+    log_of = RunDir(folder, name[:-len(".txt")]) if name.endswith(".txt") else None
+    if (in_run_folder and name in RUN_FILE_NAMES) or \
+            (log_of is not None and (os.path.lexists(os.path.join(log_of.folder, NAME)) or log_of.holds_run())):
+        raise NotOurs(f"{what} {path} is a file of a run: choose another")
+    if holder.in_use():
+        raise NotOurs(f"{folder} is the folder of a run being trained now: write {what} elsewhere, or wait")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise NotOurs(f"{path} exists: choose another {what}, or add --overwrite to replace it")
+        if not is_ours(path):
+            raise NotOurs(f"{path} exists and is not {kind} this program wrote (or was changed since): --overwrite "
+                          f"replaces only those; move it, or choose another {what}")
+
+
 def run_dir_of(checkpoint_or_folder: str) -> RunDir:
     """The RunDir that holds a checkpoint file, or the one that is this folder."""
     path = os.path.abspath(checkpoint_or_folder)
@@ -281,25 +427,44 @@ def run_dir_of(checkpoint_or_folder: str) -> RunDir:
     return RunDir(os.path.dirname(folder), os.path.basename(folder))
 
 
-def _write_csv(f, history):
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+def _csv_text(history) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(formatted(row) for row in history)
+    return text.getvalue()
 
 
-def _write_atomic(path, write):
-    """Write through a new temporary file renamed over ``path`` (which replaces a link at
-    ``path`` rather than writing through it)."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+def _regular(path):
+    """A regular file (not a link, not a folder) with no other name."""
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
+        st = os.lstat(path)
     except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def _is_a_lock(path):
+    """A regular file holding nothing but a process id (or nothing)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 32:
+            return False
+        with open(path, "rb") as f:
+            return re.fullmatch(rb"\s*\d*\s*", f.read(64)) is not None
+    except OSError:
+        return False
+
+
+def _run_id_of(checkpoint_path):
+    """The run id a checkpoint of ours carries (its plain fields only), or None."""
+    if not os.path.isfile(checkpoint_path):
+        return None
+    try:
+        found = load(checkpoint_path, mmap=True).get("run_id")
+    except FileError:
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _first_line(path):

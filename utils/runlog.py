@@ -5,8 +5,9 @@ Appending removes that last line, writes the new lines, and writes it again, so 
 reader (a person, ``tail -1``, ``utils.summarize``) finds the best accuracy at the
 end of the file while the run is going and after it has ended.
 """
-import os
 import re
+
+from .files import write_atomic
 
 BEST_LINE = re.compile(r"Best Prec@1: (\S+) \(epoch (\d+)/(\d+)\)")
 
@@ -28,40 +29,45 @@ def parse_best_line(line: str):
 
 class RunLog:
     """``offset`` is where the best line starts: everything before it is the log
-    proper. A checkpoint records it, and a resumed run cuts the file back to it."""
+    proper. A checkpoint records it, and a resumed run cuts the log back to it.
 
-    def __init__(self, path: str, total_epochs: int, offset: int = 0, echo: bool = True):
+    Every change writes the whole file anew and renames it into place (through the run's
+    record of its files, ``owner``): the log is never edited in place, so a copy that
+    shares its content under another name (a hard-link backup) keeps it."""
+
+    def __init__(self, path: str, total_epochs: int, offset: int = 0, echo: bool = True, owner=None):
         self.path = path
         self.total_epochs = total_epochs
         self.echo = echo
+        self.owner = owner
         self.best = (0.0, 0)
-        # O_NOFOLLOW: never write through a symbolic link (the run folder's check refuses
-        # one before the run starts; this closes the moment in between)
-        self.file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+b")
-        self.file.truncate(offset)
-        self.offset = offset
-        self._write_best()
+        self.proper = b""
+        if offset:
+            with open(path, "rb") as f:
+                self.proper = f.read(offset)
+        self._commit()
+
+    @property
+    def offset(self) -> int:
+        return len(self.proper)
 
     def set_best(self, best_prec1: float, best_epoch: int):
         self.best = (best_prec1, best_epoch)
-        self.file.truncate(self.offset)
-        self._write_best()
+        self._commit()
 
-    def write(self, message: str = "", echo: bool = None):
-        """Append a line (and print it, unless ``echo`` or the log's own setting says no)."""
+    def write(self, message: str = "", echo: bool = None, best=None):
+        """Append a line (and print it, unless ``echo`` or the log's own setting says no);
+        ``best``: the new (best top-1, its epoch), in the same write."""
         if self.echo if echo is None else echo:
             print(message, flush=True)
-        self.file.truncate(self.offset)
-        self.file.seek(self.offset)
-        self.file.write((message + "\n").encode())
-        self.offset = self.file.tell()
-        self._write_best()
+        self.proper += (message + "\n").encode()
+        if best is not None:
+            self.best = best
+        self._commit()
 
-    def _write_best(self):
-        self.file.seek(self.offset)
-        self.file.write((best_line(*self.best, self.total_epochs) + "\n").encode())
-        self.file.flush()
-        os.fsync(self.file.fileno())
+    def _commit(self):
+        data = self.proper + (best_line(*self.best, self.total_epochs) + "\n").encode()
+        write_atomic(self.path, lambda f: f.write(data), self.owner)
 
     def close(self):
-        self.file.close()
+        pass
