@@ -21,6 +21,8 @@ Versions:
   thread count it computes with; the evaluation draws are seeded by the epoch.
 - 4: the metrics of every epoch hold the calibration of the predictive and of the mean
   network (NLL, ECE, Brier); rows of older files have None there.
+- 5: the metrics hold the deployed network's figures (None in the rows of epochs where
+  it was not evaluated, and in the rows of older files).
 """
 import math
 from dataclasses import dataclass, replace
@@ -30,10 +32,10 @@ import torch
 from config import Config
 from utils import files
 from utils.files import FileError
-from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, valid_run_name
+from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, DEPLOYED_FIELDS, OPTIONAL_FIELDS, valid_run_name
 
 FORMAT = "vispa-checkpoint"
-VERSION = 4
+VERSION = 5
 MAX_THREADS = 1024  # a CPU thread count a machine can have; more is a hand-made file
 
 
@@ -146,6 +148,9 @@ def _migrated(obj, version, path, purpose):
     if version <= 3 and isinstance(obj.get("history"), list):  # rows from before the calibration
         obj["history"] = [dict({key: None for key in CALIBRATION_FIELDS}, **row) if isinstance(row, dict) else row
                           for row in obj["history"]]
+    if version <= 4 and isinstance(obj.get("history"), list):  # rows from before the deployed network
+        obj["history"] = [dict({key: None for key in DEPLOYED_FIELDS}, **row) if isinstance(row, dict) else row
+                          for row in obj["history"]]
     if version <= 2:  # no identity, no thread count; the evaluation draws were a generator's state
         obj.setdefault("run_id", None)
         obj.setdefault("threads", None)
@@ -219,7 +224,7 @@ def _check_history(history, epoch, bad):
     for i, row in enumerate(history, 1):
         if not isinstance(row, dict) or set(row) != set(CSV_FIELDS):
             raise bad(f"row {i} of its metrics does not have the columns {', '.join(CSV_FIELDS)}")
-        if row["epoch"] != i or not all(_is_number(v) or (v is None and k in CALIBRATION_FIELDS)
+        if row["epoch"] != i or not all(_is_number(v) or (v is None and k in OPTIONAL_FIELDS)
                                         for k, v in row.items()):
             raise bad(f"row {i} of its metrics holds {row}")
 

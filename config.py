@@ -104,6 +104,15 @@ class Config:
     scale_lr: bool = _setting(False, "--scale-lr",
                               help="multiply --lr by batch x ranks / 256, as the authors' ImageNet program "
                                    "does (their ImageNet recipes)")
+    recalibrate: int = _setting(10000, "--recalibrate", type=_number(int, low=0),
+                                help="training images (a random subset; all if there are fewer) on which the "
+                                     "deployed network, sign(M), gets BatchNorm statistics of its own, computed "
+                                     "on itself instead of on the sampled networks of training: evaluated at the "
+                                     "end of a run, by --evaluate, and written by --export (0: keep the statistics "
+                                     "of training)")
+    deployed_every_epoch: bool = _setting(False, "--deployed-every-epoch",
+                                          help="evaluate the deployed network after every epoch, not only at the "
+                                               "end (one pass over the --recalibrate images and the test set)")
     workers: int = _setting(4, "-j", "--workers", type=_number(int, low=0),
                             help="data-loading processes (only for --loader torchvision, where each "
                                  "worker draws its own augmentations)")

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from optim import recalibrate
 from utils.meters import Accumulator
 
 
@@ -169,6 +170,26 @@ def evaluate_mean(model, opt, batches, bf16=False, total=None, keep=False) -> di
     """The same for the deterministic network b = sign(M): the one binary network to deploy."""
     with opt.mean_params():
         return evaluate_deterministic(model, batches, bf16, total, keep)
+
+
+@torch.no_grad()
+def evaluate_deployed(model, opt, images, batches, bf16=False, total=None, keep=False) -> dict:
+    """The deployed network: the mean network sign(M) (``opt`` None: the network as it is)
+    with BatchNorm statistics of its own, recomputed on ``images`` (``optim.recalibrate``:
+    training images, in train mode, the union over the processes with ``total``), then
+    evaluated on ``batches`` as ``evaluate_deterministic``; ``"images"``: how many were
+    used. The network's running statistics are as before afterwards: the training goes
+    on with those of its samples."""
+    buffers = list(model.buffers())
+    kept = [b.clone() for b in buffers]
+    try:
+        used = recalibrate(model, opt, images, total)
+        result = evaluate_mean(model, opt, batches, bf16, total, keep) if opt is not None else \
+            evaluate_deterministic(model, batches, bf16, total, keep)
+    finally:
+        for buffer, value in zip(buffers, kept):
+            buffer.copy_(value)
+    return dict(result, images=used)
 
 
 @torch.no_grad()

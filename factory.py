@@ -124,36 +124,61 @@ def test_batches(cfg: Config, folder: DataFolder, device, world):
         raise folder.explain(error) from None
 
 
+def recalibration_batches(cfg: Config, folder: DataFolder, device, world):
+    """This process's batches of the training images on which the deployed network's
+    BatchNorm statistics are recomputed (``--recalibrate``)."""
+    try:
+        return DATASETS[cfg.dataset].recalibration_loader(cfg, folder.path, world, device)
+    except DatasetError as error:
+        raise folder.explain(error) from None
+
+
 # ---- a file's network ---------------------------------------------------------------------------------
+
+CHECKPOINT, RELEASED, EXPORTED = "checkpoint", "released", "exported"
+
 
 @dataclass
 class Loaded:
-    """A network and its distribution read from a file."""
+    """A network read from a file: one of our checkpoints (``kind`` CHECKPOINT), one of
+    the authors' released files (RELEASED), both with their distribution, or an exported
+    network (EXPORTED: the mean network alone, ``opt`` None)."""
+    kind: str
     model: torch.nn.Module
-    opt: VISPA
+    opt: VISPA                # None for an exported network
     cfg: Config               # what it was trained with (and what was asked for the evaluation)
     source: str               # where it comes from, for the reader
     note: str = ""            # what the reader should know of the result
     trained_on: str = None    # the data folder of its run, if the file says
     epoch: int = 0            # the epoch it holds (0 for the authors' files)
-    released: bool = False    # one of the authors' files
+    statistics: dict = None   # an exported network's BatchNorm statistics (models/packed.py)
 
 
 # What may be asked of an evaluation beside a checkpoint's own settings.
-EVALUATION_SETTINGS = ("L", "bf16", "loader", "workers", "eval_batch_size")
+EVALUATION_SETTINGS = ("L", "bf16", "loader", "workers", "eval_batch_size", "batch_size", "recalibrate")
 
 
-def load_network(path, cfg: Config, on_command_line, device) -> Loaded:
-    """The network and its distribution in a file of ours or of the authors' (any of
-    their layouts). Settings typed on the command line that contradict the file's
-    network are refused."""
+def open_network(path, cfg: Config, on_command_line, device) -> Loaded:
+    """The network in ``path``, read once and told apart by its content: one of our
+    checkpoints, an exported network, or one of the authors' files (any of their
+    layouts). Settings typed on the command line that contradict the file's network are
+    refused; the evaluation settings typed (``EVALUATION_SETTINGS``) replace the file's."""
     try:
-        obj = files.load(path)
+        obj = files.load(path, what="exported network" if path.endswith(".bnn") else "checkpoint")
     except files.FileError as error:
         raise CheckpointError(str(error)) from None
     if checkpoint.is_ours(obj):
         return _load_ours(checkpoint.from_file(obj, path, "evaluated"), path, cfg, on_command_line, device)
+    if obj.get("format") == packed.FORMAT:
+        return _load_exported(obj, path, cfg, on_command_line, device)
+    if path.endswith(".bnn"):
+        raise CheckpointError(f"{path} is not an exported binary network (no format {packed.FORMAT!r}); export one "
+                              f"with `python main.py --export CHECKPOINT --out FILE`")
     return _load_released(obj, path, cfg, on_command_line, device)
+
+
+def _asked(cfg, on_command_line, always=()):
+    return {key: getattr(cfg, key) for key in EVALUATION_SETTINGS if key in on_command_line or key in always}
 
 
 def _load_ours(state, path, cfg, on_command_line, device) -> Loaded:
@@ -162,9 +187,8 @@ def _load_ours(state, path, cfg, on_command_line, device) -> Loaded:
         raise CheckpointError(f"{path} holds another network than the one asked for: " + ", ".join(different))
     model, opt = build(state.config, device)
     fill(model, opt, state, path)
-    asked = {key: getattr(cfg, key) for key in EVALUATION_SETTINGS if key in on_command_line or key == "L"}
-    return Loaded(model, opt, replace(state.config, **asked), f"epoch {state.epoch} of run {state.run}",
-                  trained_on=state.data_root, epoch=state.epoch)
+    return Loaded(CHECKPOINT, model, opt, replace(state.config, **_asked(cfg, on_command_line, always=("L",))),
+                  f"epoch {state.epoch} of run {state.run}", trained_on=state.data_root, epoch=state.epoch)
 
 
 def fill(model, opt, state: checkpoint.Checkpoint, path):
@@ -206,24 +230,14 @@ def _load_released(obj, path, cfg, on_command_line, device) -> Loaded:
     if K == 0:
         note = ("The file has no Z (the 'without Z' layer): K=0, a deterministic network, so "
                 "every one of the L samples is sign(M) and both results are the same network's.\n")
-    return Loaded(model, opt, cfg, source, note, released=True)
+    return Loaded(RELEASED, model, opt, cfg, source, note)
 
 
-# ---- an exported network ---------------------------------------------------------------------------
-
-def is_exported(path) -> bool:
-    """Whether ``path`` is meant as an exported network (by its name, or its content)."""
-    if path.endswith(".bnn"):
-        return True
-    fields = checkpoint.peek(path)
-    return fields is not None and fields["format"] == packed.FORMAT
-
-
-def load_exported(path, cfg: Config, on_command_line, device):
-    """(the exported network, the Config of what it is, where it comes from). Settings
-    typed on the command line that the file contradicts are refused, as for a checkpoint."""
+def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
+    """An exported network: settings typed on the command line that the file contradicts
+    are refused, as for a checkpoint."""
     try:
-        content = packed.read_packed(path)
+        content = packed.checked(obj, path)
         if content["dataset"] not in DATASETS or content["num_classes"] != DATASETS[content["dataset"]].num_classes:
             raise CheckpointError(f"{path} is a network of {content['num_classes']} classes for the dataset "
                                   f"{content['dataset']!r}, which this program does not know with that many classes")
@@ -234,15 +248,17 @@ def load_exported(path, cfg: Config, on_command_line, device):
     different = conflicts(cfg, saved, on_command_line, ("model", "dataset", "width"))
     if different:
         raise CheckpointError(f"{path} is another network than the one asked for: " + ", ".join(different))
-    asked = {key: getattr(cfg, key) for key in EVALUATION_SETTINGS if key in on_command_line}
-    return model, replace(saved, **asked), content.get("source")
+    return Loaded(EXPORTED, model, None, replace(saved, **_asked(cfg, on_command_line)),
+                  f"the exported network sign(M) of {content.get('source')}", trained_on=content.get("data_root"),
+                  statistics=content["statistics"])
 
 
-def exported_network(loaded: Loaded, source: str) -> dict:
-    """The packed file of a loaded network's mean network sign(M)."""
+def exported_network(loaded: Loaded, source: str, statistics=packed.TRAINING_STATISTICS, data_root=None) -> dict:
+    """The packed file of a loaded network's mean network sign(M), with the BatchNorm
+    statistics the network holds now (``statistics`` says which)."""
     cfg = loaded.cfg
     means = {name: loaded.opt.state[p]["M"] for name, p in loaded.model.named_parameters()
              if getattr(p, "binary", False)}
     dataset = DATASETS[cfg.dataset]
     return packed.pack(loaded.model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
-                       dataset.mean, dataset.std, source)
+                       dataset.mean, dataset.std, source, statistics, data_root)

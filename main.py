@@ -31,7 +31,7 @@ import torch
 
 from config import DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line
 from data import DATASETS, DatasetError
-from evaluation import evaluate_file, export_file
+from evaluate import Evaluation, Export, evaluate, export
 from training import FORK, NEW, RESUME, REWIND, Request, train
 from utils import distributed, threads
 from utils.files import FileError
@@ -73,13 +73,15 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
            "--model/--dataset naming the network; K is read from the file), or an exported network "
            "(.bnn), and exit")
     a("--export", metavar="FILE", default=None, type=path,
-      help="export the mean network sign(M) of a checkpoint (ours, or the authors' with --model/--dataset) "
-           "to --out: binary weights packed 8 per byte, the rest float32; then exit")
+      help="export the network to deploy of a checkpoint (ours, or the authors' with --model/--dataset) to "
+           "--out: sign(M) with BatchNorm statistics of its own, recomputed on --recalibrate training images "
+           "(--recalibrate 0: those of training), binary weights packed 8 per byte, the rest float32; then exit")
     a("--out", metavar="FILE", default=None, type=path, help="where --export writes the network (e.g. model.bnn)")
     a("--predictions", metavar="FILE", default=None, type=path,
       help="with --evaluate: write the per-image probabilities of the L-sample predictive ('probs', N x C), of "
-           "the mean network ('mean_probs'), the 'labels' and the averaged 'logits' to FILE "
-           "(torch.load(FILE, weights_only=True))")
+           "the mean network ('mean_probs') and of the deployed network ('deployed_probs'), the 'labels', the "
+           "averaged 'logits' and each image's negative log-likelihood ('nll', 'mean_nll', 'deployed_nll') to "
+           "FILE (torch.load(FILE, weights_only=True))")
     a("--ood", metavar="DATASET", choices=sorted(DATASETS), default=None,
       help="with --evaluate: tell the test set of the network's dataset from that of DATASET (e.g. cifar10 "
            "against cifar100) by the predictive entropy, the mutual information and the mean network's maximum "
@@ -169,6 +171,17 @@ def check_combinations(args):
                          "or --export")
 
 
+def evaluation_request(args, cfg, on_command_line) -> Evaluation:
+    return Evaluation(args.evaluate, cfg, frozenset(on_command_line), data_root=args.data_root,
+                      predictions=args.predictions, ood=args.ood, ood_data_root=args.ood_data_root,
+                      overwrite=args.overwrite)
+
+
+def export_request(args, cfg, on_command_line) -> Export:
+    return Export(args.export, args.out, cfg, frozenset(on_command_line), data_root=args.data_root,
+                  overwrite=args.overwrite)
+
+
 def run_request(args) -> Request:
     """What the command line asks of a training run, decided once."""
     mode = FORK if args.fork else REWIND if args.rewind else RESUME if args.resume is not None else NEW
@@ -231,12 +244,12 @@ def main(argv=None):
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
         if args.export:
-            return export_file(args, cfg, on_command_line)
+            return export(export_request(args, cfg, on_command_line))
         distributed.start(world, device)
         try:
             distributed.agree(dict(vars(args), **cfg.to_dict()), world, "options")
             if args.evaluate:
-                return evaluate_file(args, cfg, on_command_line, device, world)
+                return evaluate(evaluation_request(args, cfg, on_command_line), device, world)
             return train(run_request(args), cfg, on_command_line, device, world)
         finally:
             distributed.finish(world)

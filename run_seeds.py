@@ -26,7 +26,7 @@ Each run is ``main.py --recipe <recipe> <settings> --seed <s> --save <name>
 folder that already holds a checkpoint is resumed (``--resume``), or skipped if that
 checkpoint is at the last epoch: after an interruption the same command carries on
 where it stopped. When all runs have ended it prints one row per seed (best top-1,
-its epoch, the mean network's top-1 in that epoch) and the mean ± std over the
+its epoch, the mean and the deployed network's top-1 in that epoch) and the mean ± std over the
 seeds, and exits non-zero if any run failed, naming its log and showing the last
 lines of its output.
 
@@ -193,8 +193,8 @@ def stopped_cleanly(run):
 
 def table(runs, template):
     """One row per seed and the mean ± std over the seeds that finished."""
-    lines = ["", "  seed   best top-1   epoch of best   mean-network top-1 (that epoch)"]
-    best, mean_net = [], []
+    lines = ["", "  seed   best top-1   epoch of best   that epoch: mean network   deployed network"]
+    best, mean_net, deployed = [], [], []
     for run in runs:
         status = run.files.status()
         if run.planned and run.process is None and run.failure is None:
@@ -211,17 +211,18 @@ def table(runs, template):
             why = f"exit status {run.returncode}" if run.returncode else f"no metrics {run.files.metrics}"
             lines.append(f"  {run.seed:<6} FAILED ({why})")
             continue
-        net = status.mean_prec1
+        net, ours = status.mean_prec1, status.deployed_prec1
         best.append(status.best_prec1)
-        if net is not None:
-            mean_net.append(net)
+        mean_net += [net] if net is not None else []
+        deployed += [ours] if ours is not None else []
         lines.append(f"  {run.seed:<6} {status.best_prec1:>10.2f}   "
                      f"{f'{status.best_epoch}/{status.epochs}':>13}   "
-                     f"{'-' if net is None else f'{net:.2f}':>14}")
+                     f"{'-' if net is None else f'{net:.2f}':>24}   {'-' if ours is None else f'{ours:.2f}':>16}")
     if best:
         lines += ["", template.replace("{seed}", "*"),
                   f"  best top-1 {paper_format(best)}   mean network "
-                  f"{paper_format(mean_net) if mean_net else '-'}   "
+                  f"{paper_format(mean_net) if mean_net else '-'}   deployed network "
+                  f"{paper_format(deployed) if deployed else '-'}   "
                   f"(mean ± sample std, ddof=1, over {len(best)} of {len(runs)} seeds)"]
     return "\n".join(lines)
 

@@ -34,8 +34,8 @@ from optim import learning_rate
 from utils import distributed, seeds, tensorboard, threads
 from utils.files import BackgroundSaver
 from utils.stop import StopRequest
-from utils.run_dir import (EXIT_DIVERGED, EXIT_OK, NotOurs, RunDir, RunInUse, epoch_line, exit_stopped, log_header,
-                           run_dir_of)
+from utils.run_dir import (DEPLOYED_FIELDS, EXIT_DIVERGED, EXIT_OK, NotOurs, RunDir, RunInUse, deployed_line,
+                           epoch_line, exit_stopped, log_header, run_dir_of)
 from utils.runlog import RunLog, best_line
 
 NEW, RESUME, REWIND, FORK = "new", "resume", "rewind", "fork"
@@ -184,8 +184,9 @@ class Record:
     best_prec1: float = 0.0
     best_epoch: int = 0
 
-    def add(self, epoch, lr, trained, val, mean, seconds) -> bool:
-        """Add the epoch's row; True if its L-sample top-1 is the best so far."""
+    def add(self, epoch, lr, trained, val, mean, deployed, seconds) -> bool:
+        """Add the epoch's row (``deployed`` None: not evaluated); True if its L-sample
+        top-1 is the best so far."""
         is_best = self.best_epoch == 0 or val["prec1"] > self.best_prec1
         if is_best:
             self.best_prec1, self.best_epoch = val["prec1"], epoch
@@ -194,14 +195,27 @@ class Record:
             "train_prec5": trained["prec5"], "val_loss": val["loss"], "val_prec1": val["prec1"],
             "val_prec5": val["prec5"], "val_nll": val["nll"], "val_ece": val["ece"], "val_brier": val["brier"],
             "mean_prec1": mean["prec1"], "mean_nll": mean["nll"], "mean_ece": mean["ece"], "mean_brier": mean["brier"],
+            **deployed_columns(deployed),
             "best_prec1": self.best_prec1, "best_epoch": self.best_epoch, "seconds": seconds})
         return is_best
+
+    def deployed_of_best(self):
+        """The deployed network's columns of the best epoch's row (None: not evaluated)."""
+        return self.history[self.best_epoch - 1]["deployed_prec1"] if self.best_epoch else None
 
     def back_to(self, epoch):
         """Forget the epochs after ``epoch`` (a checkpoint that could not be written)."""
         del self.history[epoch:]
         last = self.history[-1] if self.history else {"best_prec1": 0.0, "best_epoch": 0}
         self.best_prec1, self.best_epoch = last["best_prec1"], last["best_epoch"]
+
+
+def deployed_columns(deployed) -> dict:
+    """The metrics columns of a deployed network's result (empty without one)."""
+    if deployed is None:
+        return {key: None for key in DEPLOYED_FIELDS}
+    return {"deployed_prec1": deployed["prec1"], "deployed_nll": deployed["nll"], "deployed_ece": deployed["ece"],
+            "deployed_brier": deployed["brier"]}
 
 
 class Silent:
@@ -287,7 +301,7 @@ def resume_command(request, run, world, data_root, dataset):
 
 def train(request: Request, cfg: Config, on_command_line, device, world=distributed.World()):
     cfg, run, resumed, path = open_run(request, cfg, on_command_line, device, world)
-    if resumed is not None and resumed.epoch >= cfg.epochs:
+    if resumed is not None and resumed.epoch >= cfg.epochs and not deployed_pending(cfg, run, resumed, world):
         if world.main:
             print(f"{path}: the run is finished; {best_line(resumed.best_prec1, resumed.best_epoch, cfg.epochs)}")
         return EXIT_OK
@@ -298,6 +312,7 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, resumed and resumed.data_root)
     train_batches, test_batches = factory.batches(cfg, folder, device, world)
+    recalibration = factory.recalibration_batches(cfg, folder, device, world) if cfg.recalibrate else None
     problem = factory.class_problem(cfg, folder)
     model, opt = factory.build(cfg, device)
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
@@ -379,6 +394,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                           f"{resume_command(request, run, world, folder.path, cfg.dataset)}")
                 return exit_stopped(stop.agreed)
             mean = engine.evaluate_mean(model, opt, test_batches, cfg.bf16, ranks.total)
+            deployed = engine.evaluate_deployed(model, opt, recalibration, test_batches, cfg.bf16, ranks.total) \
+                if cfg.deployed_every_epoch and recalibration is not None else None
             saver.wait()  # the last epoch's checkpoint is on disk (or its failure raised) before this one is logged
             diverged = diverged_because(trained, val, model, opt)
             if diverged:
@@ -389,7 +406,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                     print(f"error: {message}", file=sys.stderr)
                 return EXIT_DIVERGED
             with stop.hold():
-                is_best = record.add(epoch, lr_at(epoch * steps - 1), trained, val, mean, time.time() - began)
+                is_best = record.add(epoch, lr_at(epoch * steps - 1), trained, val, mean, deployed,
+                                     time.time() - began)
                 log.write(epoch_line(record.history[-1], cfg.epochs, cfg.L), best=(record.best_prec1, record.best_epoch))
                 state = snapshot(epoch)
                 if world.main:
@@ -399,6 +417,9 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                     saver.submit([(state.to_file(), run.checkpoint)] +
                                  [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()
+        if recalibration is not None and record.best_epoch and record.deployed_of_best() is None:
+            deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches, device, world, ranks, log,
+                            events)
         if world.main:
             print(best_line(record.best_prec1, record.best_epoch, cfg.epochs))
         return EXIT_OK
@@ -418,6 +439,47 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
             saver.wait()  # a checkpoint is complete (or its error raised) before the run ends
         finally:
             log.close()
+
+
+def deployed_pending(cfg, run, resumed, world) -> bool:
+    """Whether a finished run still owes the deployed network of its best epoch (a stop
+    came between the last epoch and that evaluation): what metrics.csv says, on rank 0."""
+    pending = False
+    if world.main and cfg.recalibrate and resumed.best_epoch:
+        try:
+            rows = run.read_metrics()
+        except (OSError, KeyError, ValueError, TypeError):
+            rows = []
+        best = [row for row in rows if row["epoch"] == resumed.best_epoch]
+        pending = not best or best[0]["deployed_prec1"] is None
+    return distributed.gather(pending, world)[0]
+
+
+def deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches, device, world, ranks, log, events):
+    """After the last epoch: the deployed network of the best epoch, the network in
+    model_best.pth.tar with BatchNorm statistics of its own (what --export writes of
+    it), evaluated; its figures go into the best epoch's row of metrics.csv and a line of
+    the log. Rank 0 reads the file and gives the others its network."""
+    state = None
+    if world.main:
+        fields = checkpoint.peek(run.best)
+        if fields and fields["epoch"] == record.best_epoch and fields["run_id"] == run_id:
+            state = checkpoint.read(run.best, map_location=device, purpose="evaluated").model
+    if not distributed.gather(state is not None, world)[0]:
+        log.write(f"The deployed network of the best epoch {record.best_epoch} is not evaluated: there is no "
+                  f"model_best.pth.tar of it")
+        return
+    if state is not None:
+        model.load_state_dict(state)
+    distributed.broadcast_(list(model.state_dict().values()), world)
+    result = engine.evaluate_deployed(model, None, recalibration, test_batches, cfg.bf16, ranks.total)
+    row = record.history[record.best_epoch - 1]
+    row.update(deployed_columns(result))
+    log.write(deployed_line(result, record.best_epoch))
+    if world.main:
+        run.write_metrics(record.history)
+        if events:
+            tensorboard.write_row(run.tensorboard, row, run.record)
 
 
 def best_of_source(run, resumed, path, run_id, cfg):

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from utils import seeds
+
 from .cifar import read_cifar
 from .device_loader import DeviceLoader, normalize, random_crop_flip, random_resized_crop_flip
 from .errors import DatasetError
@@ -74,6 +76,28 @@ class Dataset:
         folder missing: every later label shifts), or None."""
         return None
 
+    def recalibration_loader(self, cfg, root, world, device):
+        """The training images on which the deployed network's BatchNorm statistics are
+        recomputed (``optim.recalibrate``): ``cfg.recalibrate`` of them (all, if the set
+        has fewer), a random subset drawn from the run's seed, as the test set is read
+        (no augmentation: the deployed network is normalised for the images it will see).
+        They are dealt into one contiguous shard per rank (virtual ranks included), each
+        batched by ``cfg.batch_size``; this process yields, step by step, its ranks'
+        batches of that step together, so that the union over the processes at every step
+        is the same whatever the processes, as ``recalibrate(total=...)`` needs."""
+        raise NotImplementedError
+
+    def _recalibration_subset(self, cfg, available, world):
+        """(indices of the chosen training images, in their random order; the ranks
+        they are dealt to). DatasetError if there are fewer images than ranks."""
+        ranks = world.size * cfg.virtual_ranks
+        count = min(cfg.recalibrate, available) // ranks * ranks
+        if count == 0:
+            raise DatasetError(f"--recalibrate {cfg.recalibrate}: the training set of {self.name} holds {available} "
+                               f"images, fewer than the {ranks} ranks that share them")
+        order = torch.randperm(available, generator=seeds.generator("cpu", cfg.seed or 0, "recalibration"))
+        return order[:count], ranks
+
 
 @dataclass(frozen=True, kw_only=True)
 class InMemory(Dataset):
@@ -115,6 +139,13 @@ class InMemory(Dataset):
     def class_problem(self, root):
         return self.classes_check(root, self.num_classes) if self.classes_check else None
 
+    def recalibration_loader(self, cfg, root, world, device):
+        images, labels = self.read(root, "train")
+        chosen, ranks = self._recalibration_subset(cfg, len(labels), world)
+        images, labels = images[chosen], labels[chosen]
+        mine = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
+        return StepsTogether([self.loader(images, labels, cfg.batch_size, False, device, [g], ranks) for g in mine])
+
     def _check_test_set(self, labels, root):
         if len(labels) == 0:
             raise DatasetError(f"the test set of {self.name} in {root} has no images (download the dataset again?)")
@@ -149,6 +180,18 @@ class ImageFolders(Dataset):
     def class_problem(self, root):
         return imagenet_class_problem(root, self.num_classes)
 
+    def recalibration_loader(self, cfg, root, world, device):
+        loader = "torchvision" if cfg.loader == "device" else cfg.loader
+        backend, decoder = self._backend(cfg, loader)
+        samples = self.check(root).train
+        chosen, ranks = self._recalibration_subset(cfg, len(samples), world)
+        subset = [samples[i] for i in chosen.tolist()]
+        mine = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
+        return StepsTogether([imagenet_batches(subset, False, cfg.batch_size, device, shard=g, shards=ranks,
+                                               workers=cfg.workers, backend=backend, decoder=decoder,
+                                               seed=cfg.seed or 0, memory_format=memory_format(device))
+                              for g in mine])
+
     def test_loader(self, cfg, root, world, device):
         loader = "torchvision" if cfg.loader == "device" else cfg.loader  # an evaluation needs no choice
         backend, decoder = self._backend(cfg, loader)
@@ -169,6 +212,24 @@ class ImageFolders(Dataset):
             raise DatasetError("--virtual-ranks reads every rank's shard with a loader of its own: use --loader "
                                "torchvision, or torchrun with one GPU per rank")
         return ("dali", loader[len("dali-"):]) if loader.startswith("dali") else ("torchvision", "cpu")
+
+
+class StepsTogether:
+    """The batches of several shards, step by step: at each step the shards' batches of
+    that step joined into one (the union batch of a process's virtual ranks)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __len__(self):
+        return min(len(shard) for shard in self.shards)
+
+    def __iter__(self):
+        for batches in zip(*self.shards):
+            if len(batches) == 1:
+                yield batches[0]
+            else:
+                yield torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
 
 
 def _cifar_reference_augment():

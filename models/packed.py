@@ -6,15 +6,21 @@ scales, BatchNorm statistics and full-precision layers - the "mean network" whos
 top-1 the training log reports every epoch. ``pack`` turns a network and its means
 into a file of plain data (loadable with ``torch.load(weights_only=True)``):
 
-    format, version          "vispa-binary-network", 1
+    format, version          "vispa-binary-network", 2 (1: without "statistics")
     model, width, num_classes, image_size, dataset, mean, std
                              what to build and how to normalise its input
+    statistics               which BatchNorm statistics it carries: {"source": "recomputed",
+                             "images": N}, its own, recomputed on N training images (the
+                             deployed network), or {"source": "training"}, those gathered in
+                             training on sampled networks (the authors' mean network)
     binary                   {weight name: {"shape": [...], "bits": uint8, "zeros": int64}}
                              sign(M) > 0 as bits, 8 per byte (the first weight in the
                              highest bit); "zeros": the flat positions where M is exactly 0
                              (sign 0, almost never), so that the network is exact
     state                    every other tensor of the state_dict, floating ones as float32
     source                   what it was exported from
+    data_root                the data folder of the run it comes from (or None), where
+                             ``main.py --evaluate`` reads the test set without --data_root
 
 ``load_packed`` gives back a plain ``nn.Module`` in eval mode that computes the mean
 network exactly, with no optimizer.
@@ -32,7 +38,8 @@ from . import build_model
 from .binary import is_binary
 
 FORMAT = "vispa-binary-network"
-VERSION = 1
+VERSION = 2
+TRAINING_STATISTICS = {"source": "training"}
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -56,8 +63,10 @@ def unpack_bits(packed: dict, dtype=torch.float32) -> torch.Tensor:
     return signs.view(shape)
 
 
-def pack(model, means: dict, model_name, width, num_classes, image_size, dataset, mean, std, source) -> dict:
-    """The packed file of ``model`` whose binary weights are ``sign(means[name])``."""
+def pack(model, means: dict, model_name, width, num_classes, image_size, dataset, mean, std, source,
+         statistics=TRAINING_STATISTICS, data_root=None) -> dict:
+    """The packed file of ``model`` whose binary weights are ``sign(means[name])``;
+    ``statistics``: which BatchNorm statistics ``model`` holds (see above)."""
     binary = {name for name, p in model.named_parameters() if is_binary(p)}
     state = {}
     for name, tensor in model.state_dict().items():
@@ -65,7 +74,8 @@ def pack(model, means: dict, model_name, width, num_classes, image_size, dataset
             state[name] = tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.detach().cpu()
     return {"format": FORMAT, "version": VERSION, "model": model_name, "width": width,
             "num_classes": num_classes, "image_size": image_size, "dataset": dataset,
-            "mean": list(mean), "std": list(std), "source": source,
+            "mean": list(mean), "std": list(std), "source": source, "statistics": dict(statistics),
+            "data_root": data_root,
             "binary": {name: pack_bits(torch.sign(means[name])) for name in sorted(binary)},
             "state": state}
 
@@ -80,18 +90,26 @@ def read_packed(path) -> dict:
         obj = files.load(path, what="exported network")
     except files.FileError as error:  # missing, truncated, not data
         raise PackedError(str(error)) from None
+    return checked(obj, path)
+
+
+def checked(obj: dict, path) -> dict:
+    """The content of the packed file ``path`` already read (``obj``), checked as
+    ``read_packed`` checks it; files of version 1 carry the statistics of training."""
     if obj.get("format") != FORMAT:
         raise PackedError(f"{path} is not an exported binary network (no format {FORMAT!r}); "
                           f"export one with `python main.py --export CHECKPOINT --out FILE`")
-    if obj.get("version") != VERSION:
+    if obj.get("version") not in (1, VERSION):
         raise PackedError(f"{path} is an exported network of format version {obj.get('version')!r}; "
-                          f"this version reads version {VERSION}")
+                          f"this version reads versions 1 and {VERSION}")
     try:
         obj = files.verify_digest(obj, path, "an exported network")
     except files.FileError as error:
         raise PackedError(str(error)) from None
+    if obj.get("version") == 1:
+        obj = dict(obj, statistics=TRAINING_STATISTICS)
     missing = [key for key in ("model", "width", "num_classes", "image_size", "dataset", "mean", "std",
-                               "binary", "state") if key not in obj]
+                               "binary", "state", "statistics") if key not in obj]
     if missing:
         raise PackedError(f"{path} is an incomplete exported network: it has no {', '.join(missing)}")
     problem = _problem(obj)
@@ -118,11 +136,17 @@ def _problem(obj):
         if not (isinstance(values, list) and len(values) == 3 and
                 all(type(v) in (int, float) and math.isfinite(v) for v in values)):
             return f"its {key} is not three finite numbers"
-    source = obj.get("source")
-    if source is not None and not (isinstance(source, str) and len(source) <= 2000 and source.isprintable()):
-        return "its source is not one printable line of text"
+    for key in ("source", "data_root"):
+        text = obj.get(key)
+        if text is not None and not (isinstance(text, str) and len(text) <= 2000 and text.isprintable()):
+            return f"its {key} is not one printable line of text"
     if not all(type(v) in (int, float) and v > 0 for v in obj["std"]):
         return "its std is not positive"
+    statistics = obj["statistics"]
+    if statistics != TRAINING_STATISTICS and not (
+            isinstance(statistics, dict) and set(statistics) == {"source", "images"} and
+            statistics["source"] == "recomputed" and whole(statistics["images"])):
+        return f"its statistics {statistics!r} are neither {TRAINING_STATISTICS} nor recomputed on some images"
     if not isinstance(obj["state"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["state"].values()):
         return "its state is not a dict of tensors"
     if not isinstance(obj["binary"], dict):
@@ -164,6 +188,12 @@ def network_of(obj, device="cpu"):
         first = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
         raise PackedError(f"the exported tensors do not fit {obj['model']}: {first}") from None
     return model.to(device).eval()
+
+
+def describe_statistics(statistics: dict) -> str:
+    if statistics.get("source") == "recomputed":
+        return f"its own BatchNorm statistics, recomputed on {statistics['images']:,} training images"
+    return "the BatchNorm statistics of training (gathered on sampled networks)"
 
 
 def load_packed(path, device="cpu"):

@@ -1,2 +1,3 @@
 from .schedule import learning_rate
 from .vispa import VISPA, project_to_sphere
+from .recalibration import recalibrate

@@ -9,11 +9,13 @@ recomputes them for an averaged network::
     images = recalibrate(model, opt, batches)          # then evaluate inside opt.mean_params()
 
 It takes any optimizer with a ``mean_params()`` context (VISPA, or a rival with the
-same protocol). Where several processes each hold a shard of the images, ``total``
+same protocol), or None for a network taken as it is (an exported one, say). Where
+several processes each hold a shard of the images, ``total``
 (a function that sums a tensor over them) makes every BatchNorm use, at every step,
 the statistics of the union of the processes' batches, as SyncBatchNorm does: the
 result is that of one process running on the concatenated batches.
 """
+import contextlib
 from functools import partial
 
 import torch
@@ -24,7 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 @torch.no_grad()
 def recalibrate(model, opt, batches, total=None) -> int:
     """Recompute the running statistics of every BatchNorm of ``model`` for the network
-    that ``opt.mean_params()`` gives, from ``batches`` (an iterable of (images, labels)
+    that ``opt.mean_params()`` gives (``opt`` None: the network as it is), from
+    ``batches`` (an iterable of (images, labels)
     or of images), and return the number of images used (over all processes with
     ``total``).
 
@@ -60,7 +63,7 @@ def recalibrate(model, opt, batches, total=None) -> int:
             if total is not None:
                 m.forward = partial(_union_forward, m, total)
         model.train()
-        with _random_states_kept(device), opt.mean_params():
+        with _random_states_kept(device), (opt.mean_params() if opt is not None else contextlib.nullcontext()):
             for x, count in _steps(batches, device, total):
                 model(x)
                 images += count

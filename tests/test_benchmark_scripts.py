@@ -13,10 +13,11 @@ import pytest
 
 import config
 from helpers import REPO, run_results, run_script, script_env, wait_for
+from utils.run_dir import RunDir
 
 SCRIPTS = {"resnet18": "benchmark_cifar100_resnet18_1W32A.sh", "vgg16": "benchmark_cifar100_vgg16_1W32A.sh"}
 TINY = dict(EPOCHS=2, WIDTH=4, L=2, K=2, BATCH=64, WARMUP_EPOCHS=1)
-TABLE_ROW = re.compile(r"^  (\d+) +(\d+\.\d\d) +(\d+)/(\d+) +(\d+\.\d\d)$", re.M)
+TABLE_ROW = re.compile(r"^  (\d+) +(\d+\.\d\d) +(\d+)/(\d+) +(\d+\.\d\d) +(\d+\.\d\d|-)$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,11 @@ def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root):
         # the best line is the best val top-1 of the epoch lines, first epoch on ties
         assert best_prec1 == max(v for v, _ in epochs.values())
         assert best_epoch == min(e for e, (v, _) in epochs.items() if v == best_prec1)
-        prec1, epoch, total, mean_net = rows[seed]
+        prec1, epoch, total, mean_net, deployed = rows[seed]
         assert (float(prec1), int(epoch), int(total)) == (best_prec1, best_epoch, 2)
         assert float(mean_net) == epochs[best_epoch][1]
+        at_best = next(row for row in RunDir(str(results), name).read_metrics() if row["epoch"] == best_epoch)
+        assert float(deployed) == at_best["deployed_prec1"]  # evaluated at the end of the run
         bests.append(best_prec1)
     mean, std = statistics.mean(bests), statistics.stdev(bests)
     assert f"best top-1 {mean:.2f} ± {std:.2f}" in result.stdout

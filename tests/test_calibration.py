@@ -149,7 +149,8 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
                    "--predictions", tmp_path / "p.pt")
     assert out.returncode == 0, out.stderr
     p = torch.load(tmp_path / "p.pt", weights_only=True)
-    assert set(p) == {"probs", "mean_probs", "labels", "logits", "nll", "mean_nll", "format", "version", "digest"}
+    assert set(p) == {"probs", "mean_probs", "deployed_probs", "labels", "logits", "nll", "mean_nll", "deployed_nll",
+                      "format", "version", "digest"}
     assert p["format"] == "vispa-predictions"
     assert p["probs"].dtype == torch.float32 and p["probs"].shape == (len(p["labels"]), 10)
     labels = p["labels"]
@@ -160,8 +161,14 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
                     accuracy(p["mean_probs"].argmax(1) == labels))
     printed = re.search(r"predictive: NLL (\S+)  ECE (\S+)  Brier (\S+)  \|  mean network: NLL (\S+)  ECE (\S+)  "
                         r"Brier (\S+)", out.stdout).groups()
+    printed += re.search(r"Deployed network, .*: Prec@1 (\S+)  Prec@5 \S+  NLL (\S+)  ECE (\S+)  Brier (\S+)",
+                         out.stdout).groups()
     figures = []
-    for probs, nll in ((p["probs"].double(), p["nll"]), (p["mean_probs"].double(), p["mean_nll"])):
+    for name, probs, nll in (("predictive", p["probs"], p["nll"]), ("mean", p["mean_probs"], p["mean_nll"]),
+                             ("deployed", p["deployed_probs"], p["deployed_nll"])):
+        probs = probs.double()
+        if name == "deployed":
+            figures.append(accuracy(probs.argmax(1) == labels))
         ece = torchmetrics.functional.classification.multiclass_calibration_error(
             probs.float(), labels, num_classes=probs.shape[1], n_bins=15, norm="l1").item()
         of_label = probs[torch.arange(len(labels)), labels]
@@ -173,8 +180,8 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
     assert list(printed) == figures
     # the log's epoch line says the same of that epoch
     row = metrics_without_seconds(trained / "run" / "metrics.csv")[-1]
-    assert list(printed) == [row[k] for k in ("val_nll", "val_ece", "val_brier", "mean_nll", "mean_ece",
-                                               "mean_brier")]
+    assert list(printed[:6]) == [row[k] for k in ("val_nll", "val_ece", "val_brier", "mean_nll", "mean_ece",
+                                                   "mean_brier")]
 
 
 def test_another_datasets_images_are_told_apart(trained, tmp_path):
@@ -183,11 +190,11 @@ def test_another_datasets_images_are_told_apart(trained, tmp_path):
     out = run_main("--evaluate", trained / "run" / "model_best.pth.tar", "--gpus", "cpu", "-L", 2, "--ood",
                    "cifar100", "--ood_data_root", ood)
     assert out.returncode == 0, out.stderr
-    assert ("Out-of-distribution: the cifar10 test set (100 images, in) against the cifar100 test set "
-            "(120 images, out)") in out.stdout
+    assert ("Out-of-distribution: the test set of the network (cifar10, 100 images, in) against that of --ood "
+            "cifar100 (120 images, out)") in out.stdout
     rows = re.findall(r"^  (predictive entropy \(L=2\)|mutual information \(L=2\)|max probability, mean network "
-                      r"sign\(M\)) +(\d+\.\d\d) +(\d+\.\d\d)$", out.stdout, re.M)
-    assert len(rows) == 3 and all(0 <= float(a) <= 100 and 0 <= float(f) <= 100 for _, a, f in rows), out.stdout
+                      r"sign\(M\)|max probability, deployed network) +(\d+\.\d\d) +(\d+\.\d\d)$", out.stdout, re.M)
+    assert len(rows) == 4 and all(0 <= float(a) <= 100 and 0 <= float(f) <= 100 for _, a, f in rows), out.stdout
 
 
 @pytest.mark.parametrize("command, message", [

@@ -5,8 +5,11 @@ import os
 import re
 import signal
 import subprocess
+import socket
 import sys
 import time
+
+import torch
 
 from helpers import ENV, REPO, TINY, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main
 
@@ -93,3 +96,55 @@ def test_a_stop_on_one_rank_stops_both_and_the_run_resumes_exactly(cifar10_root,
     for part in ("model", "optimizer", "ranks"):
         assert_bit_identical(a[part], b[part], part)
     assert [row["val_prec1"] for row in a["history"]] == [row["val_prec1"] for row in b["history"]]
+
+
+def test_the_deployed_networks_statistics_are_those_of_the_union_of_the_ranks_batches(cifar10_root, tmp_path):
+    """Two gloo ranks, each with its shard of the recalibration images (the union path of
+    ``recalibrate``), give the BatchNorm statistics of one process with two virtual ranks,
+    whose batch at every step is the union batch (torch's own BatchNorm path)."""
+    outputs = {}
+    for name, world_size in (("two ranks", 2), ("virtual ranks", 1)):
+        out, port = tmp_path / name.replace(" ", "-"), str(free_port())
+        processes = [subprocess.Popen([sys.executable, "-c", UNION_STATISTICS, cifar10_root, str(out), str(rank),
+                                       str(world_size), port], cwd=REPO, env=ENV) for rank in range(world_size)]
+        assert [p.wait(timeout=300) for p in processes] == [0] * len(processes)
+        outputs[name] = torch.load(out, weights_only=True)
+    two, one = outputs["two ranks"], outputs["virtual ranks"]
+    assert two["images"] == one["images"] == 300 and sorted(two["statistics"]) == sorted(one["statistics"])
+    for key in one["statistics"]:
+        torch.testing.assert_close(two["statistics"][key], one["statistics"][key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(one["statistics"][k], one["before"][k]) for k in one["before"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# In a process of its own: rank RANK of WORLD recomputes the statistics of a fixed network on
+# its part of --recalibrate 300 training images (two virtual ranks in all) and rank 0 saves them.
+UNION_STATISTICS = """
+import sys, datetime, torch, torch.distributed as dist
+from config import Config
+from factory import DataFolder, build, recalibration_batches
+from optim import recalibrate
+from utils import distributed
+root, out, rank, world, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+cfg = Config(model="resnet18", dataset="cifar10", width=4, K=2, batch_size=64, recalibrate=300, seed=3,
+             virtual_ranks=2 // world)
+model, opt = build(cfg, torch.device("cpu"))
+before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+grid = distributed.World(rank, world, rank) if world > 1 else distributed.World()
+if world > 1:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+images = recalibrate(model, opt, recalibration_batches(cfg, DataFolder(root), torch.device("cpu"), grid),
+                     distributed.summing(grid))
+if rank == 0:
+    torch.save({"images": images, "before": before,
+                "statistics": {k: v for k, v in model.state_dict().items() if "running" in k}}, out)
+if world > 1:
+    dist.destroy_process_group()
+"""

@@ -1,7 +1,8 @@
 """The exported binary network (models/packed.py, ``main.py --export``): sign(M) at one bit
-per weight, the rest float32; loaded back as a plain module it computes the mean
-network of the training checkpoint bit for bit, and ``--evaluate`` of it gives the
-mean-network top-1 of the training log."""
+per weight, the rest float32. By default it is the deployed network, whose BatchNorm
+statistics are recomputed on training images; with ``--recalibrate 0`` the mean network
+with the statistics of training. Loaded back as a plain module it computes that network
+bit for bit, and ``--evaluate`` of it gives the figure the training log gives for it."""
 import math
 import os
 
@@ -50,10 +51,12 @@ def exports(cifar10_root, tmp_path_factory):
             run = run_main(*TINY, "--model", model, "--width", width, "--epochs", 1, "-b", 100,
                            "--data_root", cifar10_root, "--results_dir", results, "--save", "run")
             assert run.returncode == 0, run.stderr
-            out = results / "model.bnn"
+            out, mean = results / "model.bnn", results / "mean.bnn"
             export = run_main("--export", results / "run" / "model_best.pth.tar", "--out", out)
             assert export.returncode == 0, export.stderr
-            made[model] = dict(model=model, width=width, results=results, out=out, stdout=export.stdout)
+            plain = run_main("--export", results / "run" / "model_best.pth.tar", "--out", mean, "--recalibrate", 0)
+            assert plain.returncode == 0, plain.stderr
+            made[model] = dict(model=model, width=width, results=results, out=out, mean=mean, stdout=export.stdout)
         return made[model]
     return get
 
@@ -63,38 +66,74 @@ def trained(request, exports):
     return exports(request.param)
 
 
-def test_the_exported_network_computes_the_mean_network_bit_for_bit(trained, cifar10_root):
+def checkpoint_network(trained):
     ckpt = load_checkpoint(trained["results"] / "run" / "model_best.pth.tar")
     network = build_model(trained["model"], 10, trained["width"])
     opt = VISPA(network.parameters(), lr=0.1, K=2)
     network.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    network.eval()
-    deployed = load_packed(str(trained["out"]))
-    assert isinstance(deployed, torch.nn.Module) and not deployed.training
+    return network.eval(), opt, ckpt
+
+
+def test_the_exported_mean_network_computes_the_checkpoints_bit_for_bit(trained, cifar10_root):
+    """--recalibrate 0: sign(M) with the BatchNorm statistics of training."""
+    network, opt, _ = checkpoint_network(trained)
+    exported = load_packed(str(trained["mean"]))
+    assert isinstance(exported, torch.nn.Module) and not exported.training
     images, labels = DATASETS["cifar10"].read(cifar10_root, "test")
-    x = normalize(images, *[torch.load(trained["out"], weights_only=True)[k] for k in ("mean", "std")])
+    x = normalize(images, *[torch.load(trained["mean"], weights_only=True)[k] for k in ("mean", "std")])
     with torch.no_grad(), opt.mean_params():
         expected = network(x)
     with torch.no_grad():
-        got = deployed(x)
+        got = exported(x)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
-def test_evaluating_the_export_gives_the_logged_mean_network_top1(trained, cifar10_root):
+def test_the_exported_deployed_network_has_the_statistics_of_sign_m_on_training_images(trained, cifar10_root):
+    """The default: every BatchNorm's running statistics are the cumulative averages, over
+    batches of the run's batch size of the run's training images in a random order drawn
+    from its seed, of the batch means and unbiased variances of sign(M)'s network in train
+    mode; here computed by torch's own routine (update_bn) on the same images."""
+    from torch.optim.swa_utils import update_bn
+    from utils import seeds
+    network, opt, ckpt = checkpoint_network(trained)
+    images, labels = DATASETS["cifar10"].read(cifar10_root, "train")
+    order = torch.randperm(len(labels), generator=seeds.generator("cpu", ckpt["config"]["seed"], "recalibration"))
+    x = normalize(images[order], DATASETS["cifar10"].mean, DATASETS["cifar10"].std)
+    with opt.mean_params():
+        update_bn([x[i:i + 100] for i in range(0, len(x), 100)], network)
+    network.eval()
+    exported = load_packed(str(trained["out"]))
+    expected = {k: v for k, v in network.state_dict().items() if "running" in k}
+    got = {k: v for k, v in exported.state_dict().items() if "running" in k}
+    assert expected and sorted(got) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    content = torch.load(trained["out"], weights_only=True)
+    assert content["statistics"] == {"source": "recomputed", "images": len(labels)}
+    assert torch.load(trained["mean"], weights_only=True)["statistics"] == {"source": "training"}
+
+
+def test_evaluating_an_export_gives_the_figure_the_log_gives_for_it(trained, cifar10_root):
+    """The deployed network of the best epoch (evaluated at the end of the run) and, with
+    --recalibrate 0, the mean network: the same top-1, NLL, ECE and Brier, to the digit."""
     run = RunDir(str(trained["results"]), "run")
-    best = run.status().best_epoch
-    logged = next(row for row in run.read_metrics() if row["epoch"] == best)["mean_prec1"]
-    result = run_main("--evaluate", trained["out"], "--data_root", cifar10_root, "--gpus", "cpu")
-    assert result.returncode == 0, result.stderr
-    line = [l for l in result.stdout.splitlines() if l.startswith("Test: ")][0]
-    assert f"Prec@1 {logged:.2f}  " in line and line.endswith("(the mean network sign(M))")
+    row = next(row for row in run.read_metrics() if row["epoch"] == run.status().best_epoch)
+    for out, prefix, what in ((trained["out"], "deployed", "the deployed network"),
+                              (trained["mean"], "mean", "the mean network")):
+        result = run_main("--evaluate", out, "--gpus", "cpu")  # the data folder: the one the run was trained on
+        assert result.returncode == 0, result.stderr
+        line = [l for l in result.stdout.splitlines() if l.startswith("Test: ")][0]
+        assert f"Prec@1 {row[prefix + '_prec1']:.2f}  " in line and line.endswith(f"({what} sign(M))")
+        calibration = [l for l in result.stdout.splitlines() if l.startswith("Calibration: ")][0]
+        assert calibration == (f"Calibration: NLL {row[prefix + '_nll']:.4f}  ECE {row[prefix + '_ece']:.2f}  "
+                               f"Brier {row[prefix + '_brier']:.4f}")
 
 
 def test_the_export_is_plain_data_with_its_bits_and_what_to_build(trained):
     content = torch.load(trained["out"], weights_only=True)
     assert (content["format"], content["version"], content["model"], content["width"], content["num_classes"],
-            content["image_size"], content["dataset"]) == ("vispa-binary-network", 1, trained["model"],
+            content["image_size"], content["dataset"]) == ("vispa-binary-network", 2, trained["model"],
                                                          trained["width"], 10, 32, "cifar10")
     assert content["mean"] == list(DATASETS["cifar10"].mean) and content["std"] == list(DATASETS["cifar10"].std)
     network = build_model(trained["model"], 10, trained["width"])
@@ -127,7 +166,7 @@ def test_the_papers_networks_export_at_a_small_fraction_of_their_float32_size(tm
     fortieth of the whole) are stored as they are, so its file is about 1/18.6."""
     network = released_file(tmp_path / "released.pth", model, 100)
     r = run_main("--export", tmp_path / "released.pth", "--model", model, "--dataset", "cifar100",
-                 "--out", tmp_path / "model.bnn")
+                 "--out", tmp_path / "model.bnn", "--recalibrate", 0)
     assert r.returncode == 0, r.stderr
     full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in network.state_dict().values())
     size = os.path.getsize(tmp_path / "model.bnn")
@@ -145,10 +184,10 @@ def test_what_is_not_an_export_is_refused(exports, cifar10_root, tmp_path):
     truncated.write_bytes(trained["out"].read_bytes()[:-300])
     newer = tmp_path / "newer.bnn"
     content = torch.load(trained["out"], weights_only=True)
-    packed.save(dict(content, version=2), str(newer))
+    packed.save(dict(content, version=3), str(newer))
     ours = trained["results"] / "run" / "checkpoint.pth.tar"
     cases = [(text, "cannot read"), (truncated, "cannot read"),
-             (newer, "is an exported network of format version 2; this version reads version 1")]
+             (newer, "is an exported network of format version 3; this version reads versions 1 and 2")]
     for path, message in cases:
         before = folder_digest(tmp_path)
         assert_clear_error(run_main("--evaluate", path, "--data_root", cifar10_root, "--gpus", "cpu"), message)
@@ -170,3 +209,22 @@ def test_an_export_that_cannot_be_made_writes_nothing(exports, tmp_path):
     assert_clear_error(run_main("--export", best, "--out", tmp_path / "taken.bnn"),
                        "exists: choose another --out, or add --overwrite")
     assert (tmp_path / "taken.bnn").read_text() == "mine"
+
+
+def test_an_export_without_its_training_images_says_what_to_do(exports, tmp_path):
+    trained = exports("resnet18")
+    best = trained["results"] / "run" / "model_best.pth.tar"
+    line = assert_clear_error(run_main("--export", best, "--out", tmp_path / "a.bnn", "--data_root",
+                                       tmp_path / "nowhere"), "not found")
+    assert "--recalibrate 0" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_exported_network_of_version_1_carries_the_statistics_of_training(exports, cifar10_root, tmp_path):
+    trained = exports("resnet18")
+    content = torch.load(trained["mean"], weights_only=True)
+    old = {k: v for k, v in content.items() if k not in ("statistics", "data_root", "digest")}
+    packed.save(dict(old, version=1), str(tmp_path / "old.bnn"))
+    result = run_main("--evaluate", tmp_path / "old.bnn", "--data_root", cifar10_root, "--gpus", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "with the BatchNorm statistics of training (gathered on sampled networks)" in result.stdout

@@ -14,13 +14,13 @@ ALLOWED = {
     "models": {"models", "utils"},
     "data": {"data", "utils"},
     "config": {"data", "models"},
-    "engine": {"utils"},
+    "engine": {"optim", "utils"},
     "checkpoint": {"config", "utils"},
     "factory": {"checkpoint", "config", "data", "models", "optim", "utils"},
     "training": {"checkpoint", "config", "data", "engine", "factory", "optim", "utils"},
     "run_seeds": {"checkpoint", "config", "utils"},
-    "evaluation": {"checkpoint", "config", "data", "engine", "factory", "models", "utils"},
-    "main": {"config", "data", "evaluation", "training", "utils"},
+    "evaluate": {"config", "data", "engine", "factory", "models", "optim", "utils"},
+    "main": {"config", "data", "evaluate", "training", "utils"},
 }
 OURS = set(ALLOWED)
 

@@ -111,7 +111,8 @@ def test_the_authors_imagenet_files_evaluate_through_their_scripts(imagenet, tmp
             hits += (network(images).argmax(1) == labels).sum().item()
             total += len(labels)
     assert total == 12
-    assert result.stdout.strip().endswith(f"mean network Prec@1 {100 * hits / total:.2f}")
+    test_line = next(line for line in result.stdout.splitlines() if line.startswith("Test: "))
+    assert test_line.endswith(f"mean network Prec@1 {100 * hits / total:.2f}")
 
 
 def test_without_data_root_imagenet_is_read_from_datasets_imagenet(tmp_path):

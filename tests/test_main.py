@@ -138,6 +138,22 @@ def test_demo_learns_far_above_chance(tmp_path):
     assert (tmp_path / "demo" / "model_best.pth.tar").exists()
     assert any(re.match(r"Device: cpu \(1 CPU thread[ )]", line) for line in log), log[:4]
 
+    # the network to deploy: the log's figures of it, --evaluate's and those of its export are the same
+    logged = next(line for line in log if line.startswith(f"Deployed network of epoch {best.group(2)}, "))
+    figures = re.search(r": (Prec@1 .*)$", logged).group(1)
+    evaluated = run_main("--evaluate", tmp_path / "demo" / "model_best.pth.tar", "-L", 4, "--threads", 1, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"Deployed network, sign(M) with BatchNorm statistics recomputed on 2,000 training images: {figures}" \
+        in evaluated.stdout
+    exported = run_main("--export", tmp_path / "demo" / "model_best.pth.tar", "--out", tmp_path / "demo.bnn",
+                        "--threads", 1, env=env)
+    assert exported.returncode == 0, exported.stderr
+    deployed = run_main("--evaluate", tmp_path / "demo.bnn", "--threads", 1, env=env)
+    assert deployed.returncode == 0, deployed.stderr
+    prec1, prec5, calibration = re.fullmatch(r"Prec@1 (\S+)  Prec@5 (\S+)  (NLL .*)", figures).groups()
+    assert f"Calibration: {calibration}\n" in deployed.stdout
+    assert f"Prec@1 {prec1}  Prec@5 {prec5}  (the deployed network sign(M))" in deployed.stdout
+
 
 def test_help_explains_every_option_with_its_default():
     out = run_main("--help")

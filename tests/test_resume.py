@@ -162,7 +162,9 @@ STOP_LINE = re.compile(r"^Stopped by (SIG\w+) during epoch (\d+)/\d+; the checkp
     # the released code's input pipeline with a worker process: its augmentation
     # draws too must continue exactly
     (signal.SIGINT, ("--loader", "torchvision", "-j", "1"), 3, 1),
-], ids=["SIGTERM", "SIGINT-torchvision-loader"])
+    # the deployed network evaluated after every epoch leaves the training as it is
+    (signal.SIGTERM, ("--deployed-every-epoch",), 3, 1),
+], ids=["SIGTERM", "SIGINT-torchvision-loader", "SIGTERM-deployed-every-epoch"])
 def test_signal_stops_with_a_resume_line_and_the_resumed_run_ends_exactly(
         data, reference, tmp_path, signum, extra, epochs, after):
     expected = (reference if not extra else

@@ -61,12 +61,14 @@ def test_groups_statistics_running_runs_and_unreadable_ones(tmp_path):
     group = lines.index("resnet18_seed=*_w4")
     assert lines[group + 1].split() == ["n=2", "best", "top-1", f"{mean:.2f}", "±", f"{std:.2f}",
                                         "min", f"{min(bests):.2f}", "max", f"{max(bests):.2f}"]
-    assert not lines[group + 2].strip().startswith("running")  # both finished
+    assert lines[group + 2].split()[:8] == ["at", "the", "best", "epoch:", "mean", "network", "top-1",
+                                            f"{statistics.mean([62.25, 54.0]):.2f}"]
+    assert not any(line.strip().startswith("running") for line in lines[group + 1:group + 4])  # both finished
 
     long_group = lines.index("resnet18_seed=*_w4_long")
     assert lines[long_group + 1].split()[:4] == ["n=1", "best", "top-1", "12.00"]
     assert "one run, no std" in lines[long_group + 1]
-    assert lines[long_group + 2] == ("    running or stopped (2 of 2): seed=3 at epoch 1/30, "
+    assert lines[long_group + 3] == ("    running or stopped (2 of 2): seed=3 at epoch 1/30, "
                                      "seed=4 at epoch 0/30")
     assert lines[-1] == "(cannot be read, left out: resnet18_seed=5_w4)"
 

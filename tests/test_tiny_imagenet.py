@@ -410,4 +410,5 @@ def test_the_recipe_trains_and_its_evaluate_script_reports_the_logged_mean_netwo
                         GPU="cpu")
     assert result.returncode == 0, result.stderr
     assert "(resnet18, tiny-imagenet, K=8; epoch 1 of run tiny)" in result.stdout
-    assert result.stdout.strip().endswith(f"mean network Prec@1 {epochs[1][1]:.2f}")
+    test_line = next(line for line in result.stdout.splitlines() if line.startswith("Test: "))
+    assert test_line.endswith(f"mean network Prec@1 {epochs[1][1]:.2f}")

@@ -141,8 +141,10 @@ def sum_(tensor, world: World):
 
 
 def summing(world: World):
-    """``sum_`` over ``world`` as a function of the tensor (what engine.py takes as ``total``)."""
-    return lambda tensor: sum_(tensor, world)
+    """``sum_`` over ``world`` as a function of the tensor (what engine.py and
+    ``optim.recalibrate`` take as ``total``); None for one process, where there is nothing
+    to sum (and ``recalibrate`` takes torch's own BatchNorm path, as ``update_bn``)."""
+    return (lambda tensor: sum_(tensor, world)) if world.several else None
 
 
 def broadcast_(tensors, world: World, source=0):

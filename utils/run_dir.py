@@ -54,13 +54,20 @@ STOPPED = tuple(exit_stopped(s) for s in STOP_SIGNALS)
 # The columns of metrics.csv and how each number is written there (and in the log). The
 # calibration of the L-sample predictive ("val_") and of the mean network ("mean_"): NLL,
 # ECE in percent, Brier (utils/meters.py); empty in the rows of runs from before them.
+# The deployed network ("deployed_": sign(M) with BatchNorm statistics of its own) is
+# evaluated at the end of a run, for its best epoch, or after every epoch with
+# --deployed-every-epoch: its columns are empty in the other rows.
 CSV_FORMATS = {"epoch": "{}", "lr": "{:.6f}", "train_loss": "{:.4f}", "train_prec1": "{:.2f}",
                "train_prec5": "{:.2f}", "val_loss": "{:.4f}", "val_prec1": "{:.2f}", "val_prec5": "{:.2f}",
                "val_nll": "{:.4f}", "val_ece": "{:.2f}", "val_brier": "{:.4f}",
                "mean_prec1": "{:.2f}", "mean_nll": "{:.4f}", "mean_ece": "{:.2f}", "mean_brier": "{:.4f}",
+               "deployed_prec1": "{:.2f}", "deployed_nll": "{:.4f}", "deployed_ece": "{:.2f}",
+               "deployed_brier": "{:.4f}",
                "best_prec1": "{:.2f}", "best_epoch": "{}", "seconds": "{:.1f}"}
 CSV_FIELDS = tuple(CSV_FORMATS)
 CALIBRATION_FIELDS = ("val_nll", "val_ece", "val_brier", "mean_nll", "mean_ece", "mean_brier")
+DEPLOYED_FIELDS = ("deployed_prec1", "deployed_nll", "deployed_ece", "deployed_brier")
+OPTIONAL_FIELDS = CALIBRATION_FIELDS + DEPLOYED_FIELDS  # empty in some rows (older runs, epochs without)
 
 
 def formatted(row: dict) -> dict:
@@ -76,12 +83,23 @@ def calibration(nll, ece, brier) -> str:
 def epoch_line(row: dict, epochs: int, L: int) -> str:
     """The log's line for one epoch."""
     r = formatted(row)
+    deployed = "" if row.get("deployed_prec1") is None else (
+        f"deployed Prec@1 {r['deployed_prec1']} "
+        f"{calibration(row['deployed_nll'], row['deployed_ece'], row['deployed_brier'])}  |  ")
     return (f"Epoch {r['epoch']}/{epochs}  lr {r['lr']}  "
             f"train loss {r['train_loss']} Prec@1 {r['train_prec1']} Prec@5 {r['train_prec5']}  |  "
             f"val loss {r['val_loss']} Prec@1 {r['val_prec1']} Prec@5 {r['val_prec5']} (L={L}) "
             f"{calibration(row['val_nll'], row['val_ece'], row['val_brier'])}  |  "
             f"mean-net Prec@1 {r['mean_prec1']} {calibration(row['mean_nll'], row['mean_ece'], row['mean_brier'])}  |  "
-            f"best {r['best_prec1']} (epoch {r['best_epoch']})  |  {r['seconds']} s")
+            f"{deployed}best {r['best_prec1']} (epoch {r['best_epoch']})  |  {r['seconds']} s")
+
+
+def deployed_line(result: dict, epoch=None) -> str:
+    """How the log and --evaluate give the deployed network's results."""
+    of = f" of epoch {epoch}" if epoch is not None else ""
+    return (f"Deployed network{of}, sign(M) with BatchNorm statistics recomputed on {result['images']:,} training "
+            f"images: Prec@1 {result['prec1']:.2f}  Prec@5 {result['prec5']:.2f}  "
+            f"{calibration(result['nll'], result['ece'], result['brier'])}")
 
 
 def valid_run_name(name: str) -> bool:
@@ -118,6 +136,7 @@ class RunStatus:
     best_prec1: float
     best_epoch: int
     mean_prec1: float     # the mean network's top-1 in the best epoch (None if unknown)
+    deployed_prec1: float = None  # the deployed network's top-1 in the best epoch (None if not evaluated)
 
     @property
     def finished(self) -> bool:
@@ -331,7 +350,7 @@ class RunDir:
         """The rows of metrics.csv with numbers for numbers; ValueError for a value that
         is not a finite number, or a column that is missing."""
         def number(row, key, fmt):
-            if key in CALIBRATION_FIELDS and not row.get(key):  # a run from before them
+            if key in OPTIONAL_FIELDS and not row.get(key):  # a run from before them, an epoch without
                 return None
             return int(row[key]) if fmt == "{}" else float(row[key])
         with open(self.metrics, newline="") as f:
@@ -362,7 +381,7 @@ class RunDir:
         last = rows[-1]
         at_best = next((r for r in rows if r["epoch"] == last["best_epoch"]), None)
         return RunStatus(self.name, last["epoch"], epochs, last["best_prec1"], last["best_epoch"],
-                         at_best["mean_prec1"] if at_best else None)
+                         at_best["mean_prec1"] if at_best else None, at_best.get("deployed_prec1") if at_best else None)
 
 
 def foreign(path: str, writer: str) -> str:

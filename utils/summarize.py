@@ -5,7 +5,9 @@
 Runs whose names differ only in ``seed=<n>`` are one configuration. For each
 configuration it prints the number of runs and the mean +- standard deviation
 (the sample standard deviation, ddof=1, as in the paper's tables), the minimum
-and the maximum of their best top-1 accuracy.
+and the maximum of their best top-1 accuracy (the L-sample predictive), and the
+mean +- std of the top-1 in that epoch of the mean network and of the deployed
+network (sign(M) with BatchNorm statistics of its own), where the runs have them.
 
 A run is read from its folder's ``metrics.csv`` and ``config.json``
 (utils/run_dir.py), which are rewritten after every epoch, so finished and running
@@ -106,6 +108,11 @@ def report(groups) -> str:
         if values:
             lines.append(f"    n={len(values)}  best top-1 {paper_format(values)}  "
                          f"min {min(values):.2f}  max {max(values):.2f}")
+            for what, found in (("mean network", [r.mean_prec1 for r in runs if r.epoch > 0]),
+                                ("deployed network", [r.deployed_prec1 for r in runs if r.epoch > 0])):
+                found = [value for value in found if value is not None]
+                if found:
+                    lines.append(f"    at the best epoch: {what} top-1 {paper_format(found)} (n={len(found)})")
         unfinished = [run for run in runs if not run.finished]
         if unfinished:
             where = ", ".join(f"{seed_of(run.name)} at epoch {run.epoch}/{run.epochs}" for run in unfinished)
