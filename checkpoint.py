@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from config import Config
+from optim import has_memory, without_memory
 from utils import files
 from utils.files import FileError
 from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, DEPLOYED_FIELDS, OPTIONAL_FIELDS, valid_run_name
@@ -73,13 +74,12 @@ class Checkpoint:
 
     @property
     def has_momenta(self) -> bool:
-        return any("M_momentum" in entry for entry in self.optimizer["state"].values())
+        """Whether the optimizer's memory (momenta, Adam's moments) is here, not only the distribution."""
+        return has_memory(self.optimizer)
 
     def without_momenta(self) -> "Checkpoint":
-        """What model_best holds: the distribution, no momenta."""
-        state = {index: {k: v for k, v in entry.items() if "momentum" not in k}
-                 for index, entry in self.optimizer["state"].items()}
-        return replace(self, optimizer=dict(self.optimizer, state=state))
+        """What model_best holds: the distribution, without the optimizer's memory."""
+        return replace(self, optimizer=without_memory(self.optimizer))
 
 
 def write(content: dict, path: str, owner=None):
@@ -203,7 +203,7 @@ def _checked(obj, path) -> Checkpoint:
     optimizer = obj["optimizer"]
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list)):
-        raise bad("its optimizer state is not VISPA's (no 'state' and 'param_groups')")
+        raise bad("its optimizer state is not an optimizer's (no 'state' and 'param_groups')")
     if not isinstance(obj["ranks"], list) or not obj["ranks"] or not all(isinstance(r, dict) for r in obj["ranks"]):
         raise bad("it holds no random states of its ranks")
     if obj.get("data_root") is not None and not isinstance(obj["data_root"], str):

@@ -69,16 +69,29 @@ class Config:
     momentum: float = _setting(0.9, "--momentum", type=_number(float, low=0), help="SGD momentum")
     wd: float = _setting(5e-4, "--wd", type=_number(float, low=0),
                          help="weight decay (on M, Z and the real parameters)")
-    lr_decay: str = _setting("cos", "--lr_decay", choices=["cos", "constant"],
+    lr_decay: str = _setting("cos", "--lr-decay", choices=["cos", "constant"],
                              help="after the warm-up: cosine to 0 per iteration, or constant")
-    warmup_epochs: int = _setting(5, "--warmup_epochs", type=_number(int, low=0),
+    warmup_epochs: int = _setting(5, "--warmup-epochs", type=_number(int, low=0),
                                   help="linear warm-up from 0, per iteration")
+    method: str = _setting("vispa", "--method", choices=["vispa", "bayesbinn", "ste"],
+                           help="how the binary weights are trained: 'vispa', the paper's Gaussian with a rank-K "
+                                "covariance factor; 'bayesbinn', BayesBiNN's mean-field Bernoulli trained by the "
+                                "Bayesian learning rule; 'ste', latent weights through the straight-through "
+                                "estimator with Adam and clipping to [-1, 1] (BayesBiNN's baseline). The real "
+                                "parameters are trained alike by SGD with --lr, --momentum and --wd")
+    method_lr: float = _setting(3e-4, "--method-lr", type=_number(float, low=0),
+                                help="--method bayesbinn or ste: the peak learning rate of the binary weights' own "
+                                     "update (of lamda; Adam's on the latent weights), on the schedule of --lr "
+                                     "(the BayesBiNN authors' CIFAR value)")
+    temperature: float = _setting(1e-8, "--temperature", type=_number(float, above=0),
+                                  help="--method bayesbinn: the temperature of its relaxed training samples (the "
+                                       "BayesBiNN authors' CIFAR-100 value)")
     K: int = _setting(8, "-K", type=_number(int, low=0),
                       help="rank of the covariance factor Z; 0 = plain latent weights with sign and "
                            "straight-through (the 'without Z' ablation)")
     L: int = _setting(40, "-L", type=_number(int, low=1),
                       help="samples per test image; the logits of the L passes are averaged")
-    scale: float = _setting(100.0, "-scale", "--scale", type=_number(float, above=0),
+    scale: float = _setting(100.0, "--scale", "-scale", type=_number(float, above=0),
                             help="S: the draw is r ~ N(0, I_K / S); the Z gradient is scaled by sqrt(S)")
     projection: str = _setting("none", "--projection", choices=["none", "sphere"],
                                help="'sphere' rescales every entry to M_i^2 + |Z_i|^2/S = 1 after each "
@@ -131,9 +144,16 @@ class Config:
         if self.dataset in DATASETS and self.image_size not in sizes:
             problems.append(f"--model {self.model} takes images of {' or '.join(map(str, sizes))} pixels, and "
                             f"--dataset {self.dataset} has images of {self.image_size}")
+        if self.method == "vispa" and (self.method_lr != 3e-4 or self.temperature != 1e-8):
+            problems.append("--method-lr and --temperature are settings of --method bayesbinn or ste, not of vispa")
+        if self.method != "vispa" and self.projection != "none":
+            problems.append(f"--projection {self.projection} is VISPA's (the paper's constraint on M and Z), not "
+                            f"--method {self.method}'s")
+        if self.method != "vispa" and not self.lr > 0:
+            problems.append(f"--method {self.method} runs its --method-lr on the schedule of --lr: give --lr above 0")
         if isinstance(self.warmup_epochs, int) and isinstance(self.epochs, int) and self.warmup_epochs > self.epochs:
-            problems.append(f"--warmup_epochs {self.warmup_epochs} is more than --epochs {self.epochs}: the run "
-                            f"would end inside its warm-up and never reach its peak lr; give --warmup_epochs "
+            problems.append(f"--warmup-epochs {self.warmup_epochs} is more than --epochs {self.epochs}: the run "
+                            f"would end inside its warm-up and never reach its peak lr; give --warmup-epochs "
                             f"{self.epochs} or less too (a recipe's warm-up is 5 epochs)")
         return problems
 
@@ -208,9 +228,23 @@ assert RECIPES[DEFAULT_RECIPE] == Config()
 
 # The settings a run name states after the recipe's own (when they differ from it), by
 # the word the name uses. Settings that do not change the computed function are not named.
-NAMED_IF_CHANGED = {"width": "width", "batch_size": "batch", "warmup_epochs": "warmup",
+NAMED_IF_CHANGED = {"method": "method", "method_lr": "method_lr", "temperature": "temperature",
+                    "width": "width", "batch_size": "batch", "warmup_epochs": "warmup",
                     "momentum": "momentum", "projection": "projection", "bf16": "bf16",
                     "virtual_ranks": "ranks", "scale_lr": "scale_lr"}
+
+
+def spellings(*flags) -> list:
+    """Every flag with hyphens (the documented spelling) and, where it has more than one
+    word, with underscores too (the authors' spelling): ``--data-root`` and ``--data-root``."""
+    found = []
+    for flag in flags:
+        if flag.startswith("--"):
+            words = flag[2:].replace("_", "-")
+            found += [f"--{words}"] + ([f"--{words.replace('-', '_')}"] if "-" in words else [])
+        else:
+            found.append(flag)
+    return list(dict.fromkeys(found))
 
 
 def add_arguments(parser, defaults):
@@ -226,7 +260,7 @@ def add_arguments(parser, defaults):
             options.update(type=m["type"], choices=m["choices"])
             if options["type"] is None:
                 del options["type"]
-        parser.add_argument(*m["flags"], **options)
+        parser.add_argument(*spellings(*m["flags"]), **options)
 
 
 def from_args(namespace) -> Config:

@@ -4,7 +4,9 @@
 #
 #   bash download_data.sh [cifar100|cifar10|tiny-imagenet|all]...   (default: cifar100)
 #
-# A dataset this script has downloaded and verified is not fetched again. Nothing
+# A dataset this script has downloaded and verified is not fetched again. Offline, copy
+# the archive (cifar-100-python.tar.gz, cifar-10-python.tar.gz, tiny-imagenet-200.zip)
+# into DATA_ROOT by hand: the script verifies and extracts that instead. Nothing
 # partial is ever left under its real name: the archive is downloaded and extracted
 # under hidden temporary names in DATA_ROOT, which are removed on failure or
 # interruption, and the dataset folder is renamed into place only when complete.
@@ -34,12 +36,14 @@ fail() {
 # ---- temporary files: removed whatever happens --------------------------------------------
 TEMPS=()
 CHILD=
+CREATED_ROOT=  # DATA_ROOT, if this script created it: removed again if it ends empty
 cleanup() {
     if [[ -n $CHILD ]]; then
         kill "$CHILD" 2>/dev/null || true
         wait "$CHILD" 2>/dev/null || true  # it writes nothing more into what is removed next
     fi
     rm -rf "${TEMPS[@]}"
+    if [[ -n $CREATED_ROOT ]]; then rmdir "$CREATED_ROOT" 2>/dev/null || true; fi
 }
 interrupted() {
     cleanup
@@ -150,16 +154,25 @@ fetch() {
         fi
         return
     fi
-    mkdir -p "$DATA_ROOT" || fail "cannot create $DATA_ROOT"
+    if [[ ! -d $DATA_ROOT ]]; then
+        mkdir -p "$DATA_ROOT" || fail "cannot create $DATA_ROOT"
+        CREATED_ROOT=$DATA_ROOT
+    fi
     rm -rf "$DATA_ROOT/.$folder".*  # left behind by a download that was killed outright
-    local archive staging actual
+    local archive staging actual copied="$DATA_ROOT/${url##*/}"
     archive=$(mktemp "$DATA_ROOT/.$folder.$format.XXXXXX") || fail "cannot write to $DATA_ROOT"
     TEMPS+=("$archive" "$archive.err")
-    echo "$name: downloading $url with $DOWNLOADER"
     local status=0
-    download "$url" "$archive" || status=$?
+    if [[ -f $copied ]]; then  # copied here by hand (offline): verified and extracted, and kept
+        echo "$name: using the archive $copied"
+        ln -f "$copied" "$archive" 2>/dev/null || cp "$copied" "$archive" || fail "cannot read $copied"
+        url=$copied
+    else
+        echo "$name: downloading $url with $DOWNLOADER"
+        download "$url" "$archive" || status=$?
+    fi
     if (( status )); then
-        fail "$name: downloading $url failed ($(reason "$archive.err" "$DOWNLOADER exit status $status")); nothing was kept, run this script again"
+        fail "$name: downloading $url failed ($(reason "$archive.err" "$DOWNLOADER exit status $status")); nothing was kept. Without a network, copy ${url##*/} (md5 $md5) into $DATA_ROOT by hand and run this script again"
     fi
     actual=$(md5_of "$archive")
     if [[ $actual != "$md5" ]]; then

@@ -64,8 +64,8 @@ def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False, r
     meter = Accumulator(device)
     for i, step in enumerate(_groups(batches, len(ranks.generators))):
         lr = lr_at(first_iteration + i)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group in opt.param_groups:  # a group may run its own peak on the same schedule (lr_scale)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         for k, ((images, labels), generator) in enumerate(zip(step, ranks.generators)):
             images = images.to(device, non_blocking=True)

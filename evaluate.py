@@ -102,7 +102,8 @@ def evaluate(request: Evaluation, device=torch.device("cpu"), world=distributed.
     deployed = engine.evaluate_deployed(loaded.model, loaded.opt, progress(recalibration, "recalibrate"), test,
                                         cfg.bf16, total, keep) if recalibration is not None else None
     if world.main:
-        print(f"Evaluated {request.path} ({cfg.model}, {cfg.dataset}, K={cfg.K}; {loaded.source})")
+        method = f"K={cfg.K}" if cfg.method == "vispa" else f"--method {cfg.method}"
+        print(f"Evaluated {request.path} ({cfg.model}, {cfg.dataset}, {method}; {loaded.source})")
         print(f"Calibration, L={cfg.L} predictive: {calibration(val['nll'], val['ece'], val['brier'])}  |  "
               f"mean network: {calibration(mean['nll'], mean['ece'], mean['brier'])}")
         print(loaded.note + f"Test: loss {val['loss']:.4f}  Prec@1 {val['prec1']:.2f}  Prec@5 {val['prec5']:.2f}  "
@@ -167,7 +168,7 @@ def ood_batches(request, cfg, device, world):
     inside, outside = DATASETS[cfg.dataset], DATASETS[request.ood]
     if request.ood == cfg.dataset and not request.ood_data_root:
         raise UsageError(f"--ood {request.ood} is the network's own dataset: name another, or another folder of it "
-                         f"with --ood_data_root")
+                         f"with --ood-data-root")
     if not isinstance(outside, InMemory) or not isinstance(inside, InMemory):
         raise UsageError(f"--ood compares datasets held in memory (CIFAR-10, CIFAR-100, Tiny-ImageNet), not "
                          f"{request.ood if not isinstance(outside, InMemory) else cfg.dataset}")
@@ -197,8 +198,10 @@ def report_ood(name, cfg, results, world):
           f"against that of --ood {name} ({len(far['entropy'])} images, out)")
     print(f"  {'score':<40}{'AUROC':>8}{'FPR@95%TPR':>12}")
     for label, inside, outside in rows:
-        if (cfg.K == 0 or cfg.L == 1) and label.startswith("mutual"):  # one network: zero, up to rounding
-            why = "K = 0: one network" if cfg.K == 0 else "L = 1: one sampled network"
+        one = cfg.method == "ste" or (cfg.method == "vispa" and cfg.K == 0)
+        if (one or cfg.L == 1) and label.startswith("mutual"):  # one network: zero, up to rounding
+            why = f"{'K = 0' if cfg.method == 'vispa' else cfg.method}: one network" if one else \
+                "L = 1: one sampled network"
             print(f"  {label:<40}{'n/a':>8}{'n/a':>12}   ({why}, no mutual information)")
             continue
         print(f"  {label:<40}{auroc(inside, outside):>8.2f}{fpr_at_tpr(inside, outside):>12.2f}")

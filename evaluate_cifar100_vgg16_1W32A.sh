@@ -23,4 +23,4 @@ if [[ ! -f $CHECKPOINT ]]; then
     exit 1
 fi
 exec python3 "$HERE/main.py" --evaluate "$CHECKPOINT" --model vgg16 --dataset cifar100 \
-    -L "$L" ${DATA_ROOT:+--data_root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}
+    -L "$L" ${DATA_ROOT:+--data-root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}

@@ -16,22 +16,45 @@ from checkpoint import CheckpointError
 from config import Config, UsageError, conflicts
 from data import DATASETS, DatasetError, memory_format
 from models import build_model, packed, released
-from optim import VISPA
+from optim import STE, VISPA, BayesBiNN, is_binary
 from utils import files, seeds
 
 
 # ---- a Config's network and optimizer -----------------------------------------------------------
 
-def build(cfg: Config, device):
+# BayesBiNN's data term counts every training image this many times: the authors' CIFAR
+# scripts' --trainset_scale, for the augmented copies of each image.
+TRAINSET_SCALE = 10
+
+
+def build(cfg: Config, device, images_per_epoch=1):
     """The network (on ``device``, in its memory format) and its optimizer for a run config.
     The optimizer's own generator draws the evaluation's samples (``evaluation_draws``
-    seeds it); training draws come from the generators of engine.Ranks."""
+    seeds it); training draws come from the generators of engine.Ranks.
+
+    ``--method bayesbinn`` and ``ste`` put the binary weights in a group of their own,
+    whose peak lr is ``--method-lr`` on the schedule of ``--lr`` (``lr_scale``); the real
+    parameters are trained by SGD as VISPA trains them. BayesBiNN's training-set size N is
+    ``images_per_epoch`` (steps x batch x ranks) times ``TRAINSET_SCALE``; a state read
+    from a file brings its own."""
     with torch.device("meta"):  # its sizes, without allocating it
         check_memory(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size), cfg, device)
     model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.image_size)
     model = model.to(device, memory_format=memory_format(device))
-    opt = VISPA(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, K=cfg.K,
-                S=cfg.scale, projection=None if cfg.projection == "none" else cfg.projection, seed=0)
+    common = dict(momentum=cfg.momentum, weight_decay=cfg.wd, seed=0)
+    if cfg.method == "vispa":
+        opt = VISPA(model.parameters(), lr=cfg.lr, K=cfg.K, S=cfg.scale,
+                    projection=None if cfg.projection == "none" else cfg.projection, **common)
+        return model, opt
+    binary = [p for p in model.parameters() if is_binary(p)]
+    real = [p for p in model.parameters() if not is_binary(p)]
+    groups = [{"params": binary, "lr": cfg.method_lr, "lr_scale": cfg.method_lr / cfg.lr}]
+    groups += [{"params": real}] if real else []
+    if cfg.method == "bayesbinn":
+        opt = BayesBiNN(groups, train_set_size=images_per_epoch * TRAINSET_SCALE, lr=cfg.lr,
+                        temperature=cfg.temperature, **common)
+    else:
+        opt = STE(groups, lr=cfg.lr, **common)
     return model, opt
 
 
@@ -43,7 +66,8 @@ def check_memory(model, cfg: Config, device):
     come on top, and depend on the batch.)"""
     weights = sum(p.numel() for p in model.parameters() if getattr(p, "binary", False))
     network = sum(p.numel() for p in model.parameters())
-    needed = 3 * 4 * network + 3 * (cfg.K + 1) * 4 * weights
+    per_weight = 3 * (cfg.K + 1) if cfg.method == "vispa" else 4  # BayesBiNN: lamda, mu, momentum, grad; STE alike
+    needed = 3 * 4 * network + per_weight * 4 * weights
     free = free_memory(device)
     if free is not None and needed > free:
         raise UsageError(f"-K {cfg.K}, --width {cfg.width}: {cfg.model} ({network:,} parameters, {weights:,} of them "
@@ -85,7 +109,7 @@ class DataFolder:
 
     @classmethod
     def of(cls, given, dataset, trained_on=None) -> "DataFolder":
-        """``--data_root`` if given, else the folder the run was trained on, else the
+        """``--data-root`` if given, else the folder the run was trained on, else the
         dataset's default folder (./datasets; ImageNet: ./datasets/imagenet)."""
         if given:
             return cls(given)
@@ -96,7 +120,7 @@ class DataFolder:
     def explain(self, error: DatasetError) -> DatasetError:
         if not self.remembered:
             return error
-        return DatasetError(f"{error} ({self.path} is where the run was trained; give --data_root to read "
+        return DatasetError(f"{error} ({self.path} is where the run was trained; give --data-root to read "
                             f"the dataset from elsewhere)")
 
 
@@ -254,11 +278,11 @@ def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
 
 
 def exported_network(loaded: Loaded, source: str, statistics=packed.TRAINING_STATISTICS, data_root=None) -> dict:
-    """The packed file of a loaded network's mean network sign(M), with the BatchNorm
-    statistics the network holds now (``statistics`` says which)."""
+    """The packed file of a loaded network's mean network (VISPA's sign(M); each method's
+    own), with the BatchNorm statistics the network holds now (``statistics`` says which)."""
     cfg = loaded.cfg
-    means = {name: loaded.opt.state[p]["M"] for name, p in loaded.model.named_parameters()
-             if getattr(p, "binary", False)}
+    with loaded.opt.mean_params():
+        means = {name: p.detach().clone() for name, p in loaded.model.named_parameters() if is_binary(p)}
     dataset = DATASETS[cfg.dataset]
     return packed.pack(loaded.model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
                        dataset.mean, dataset.std, source, statistics, data_root)

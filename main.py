@@ -29,11 +29,12 @@ import sys
 
 import torch
 
-from config import DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line
+from config import (DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line,
+                    spellings)
 from data import DATASETS, DatasetError
 from evaluate import Evaluation, Export, evaluate, export
 from training import FORK, NEW, RESUME, REWIND, Request, train
-from utils import distributed, threads
+from utils import distributed, environment, threads
 from utils.files import FileError
 from utils.tensorboard import Unavailable
 from utils.run_dir import EXIT_ERROR, NotOurs, RunInUse, exit_stopped, valid_run_name
@@ -59,15 +60,17 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from one of the authors' configurations (options given too override it)")
     add_arguments(p, defaults)
-    a = p.add_argument
-    a("--data_root", default=None, type=path,
+
+    def a(*flags, **options):  # hyphens documented, underscores accepted (config.spellings)
+        return p.add_argument(*spellings(*flags), **options)
+    a("--data-root", default=None, type=path,
       help="folder holding cifar-100-python/, cifar-10-batches-py/ or tiny-imagenet-200/ (ImageNet: its "
            "train/ and val/) (default: ./datasets, for ImageNet ./datasets/imagenet; with --resume or --evaluate "
            "of a checkpoint of ours, the folder the run was trained on)")
     a("--gpus", default=None, help="CUDA device index, or 'cpu' (default: GPU 0 if there is one)")
     a("--save", default=None, help="run name: log results/<save>.txt, checkpoints results/<save>/ "
       "(default: <model>_<dataset>_<date>)")
-    a("--results_dir", default="./results", type=path, help="where run logs (<save>.txt) and run folders go")
+    a("--results-dir", default="./results", type=path, help="where run logs (<save>.txt) and run folders go")
     a("-e", "--evaluate", metavar="FILE", default=None, type=path,
       help="evaluate a checkpoint on the test set (ours, or the authors' released layout with "
            "--model/--dataset naming the network; K is read from the file), or an exported network "
@@ -86,7 +89,7 @@ def build_parser(defaults=RECIPES[DEFAULT_RECIPE]):
       help="with --evaluate: tell the test set of the network's dataset from that of DATASET (e.g. cifar10 "
            "against cifar100) by the predictive entropy, the mutual information and the mean network's maximum "
            "probability: AUROC and FPR at 95%% TPR")
-    a("--ood_data_root", metavar="DIR", default=None, type=path,
+    a("--ood-data-root", metavar="DIR", default=None, type=path,
       help="where --ood's dataset is (default: its usual folder)")
     a("--tensorboard", action="store_true",
       help="also write every column of metrics.csv as a TensorBoard scalar to results/<save>/tb/ (needs the "
@@ -151,7 +154,7 @@ def check_combinations(args):
     if args.resume is not None and args.recipe is not None:
         raise UsageError("a resumed run keeps the settings of its checkpoint: leave --recipe out")
     if args.save is not None and not valid_run_name(args.save):
-        raise UsageError(f"--save takes a run name (a folder name in --results_dir, printable, without '/' and "
+        raise UsageError(f"--save takes a run name (a folder name in --results-dir, printable, without '/' and "
                          f"not starting with '.'), got {args.save!r}")
     if (args.rewind or args.fork) and not args.resume:
         raise UsageError("--rewind and --fork go with --resume FILE, the checkpoint to start from")
@@ -160,9 +163,9 @@ def check_combinations(args):
     if args.fork and args.save is None:
         raise UsageError("--fork needs --save NAME, the name of the new run")
     if (args.predictions or args.ood or args.ood_data_root) and args.evaluate is None:
-        raise UsageError("--predictions, --ood and --ood_data_root go with --evaluate FILE")
+        raise UsageError("--predictions, --ood and --ood-data-root go with --evaluate FILE")
     if args.ood_data_root and not args.ood:
-        raise UsageError("--ood_data_root goes with --ood DATASET")
+        raise UsageError("--ood-data-root goes with --ood DATASET")
     if args.threads is not None and args.threads > threads.usable_cores():
         raise UsageError(f"--threads {args.threads}: this process may use {threads.usable_cores()} CPU cores; give "
                          f"at most that many (more threads than cores wait for each other)")
@@ -232,6 +235,10 @@ def select_device(gpus, world):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, cfg, on_command_line = parse_args(argv)
+    broken = environment.problem()  # a torchvision of another torch: one line, before anything else
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        return EXIT_ERROR
     world = distributed.World()
     try:
         world = distributed.from_environment()

@@ -5,14 +5,17 @@ as environment variables and end with ``exec python3 run_seeds.py "$@"``:
 
     RECIPE        the configuration (config.RECIPES) the settings below change
     K S L LR WD LR_DECAY WARMUP_EPOCHS EPOCHS BATCH WIDTH
-                  the settings (main.py's -K --scale -L --lr --wd --lr_decay
-                  --warmup_epochs --epochs -b --width); unset: the recipe's
+                  the settings (main.py's -K --scale -L --lr --wd --lr-decay
+                  --warmup-epochs --epochs -b --width); unset: the recipe's
     LOADER WORKERS  main.py's --loader and -j; unset: the recipe's
+    METHOD METHOD_LR TEMPERATURE RECALIBRATE
+                  main.py's --method (vispa, bayesbinn, ste), --method-lr, --temperature
+                  and --recalibrate
     SEEDS         the seeds, space-separated (default: the paper's five)
     GPUS          the slots (default "0 1 2 3 4"); arguments given instead override it
     NPROC         GPUs per run (default 1): with more, each run is `torchrun --standalone
                   --nproc_per_node NPROC main.py ...` on a group of NPROC slots
-    DATA_ROOT     main.py's --data_root (default: main.py's, ./datasets; ImageNet ./datasets/imagenet)
+    DATA_ROOT     main.py's --data-root (default: main.py's, ./datasets; ImageNet ./datasets/imagenet)
     RESULTS_DIR   where the logs and run folders go (default, also when empty: ./results)
 
 The runs are named by ``config.run_name`` from the recipe and the settings
@@ -47,6 +50,7 @@ import time
 
 import checkpoint
 import config
+from data import DATASETS, DatasetError, InMemory
 from utils.run_dir import STOPPED, RunDir, exit_stopped
 from utils.summarize import paper_format, read_tail
 
@@ -102,7 +106,7 @@ def launch(run, slot, recipe, main_args, env):
                    str(len(devices)), MAIN]
         if devices[0] != "cpu":
             env = dict(env, CUDA_VISIBLE_DEVICES=",".join(devices))
-    command += [*main_args, "--seed", str(run.seed), "--save", files.name, "--results_dir", files.results_dir]
+    command += [*main_args, "--seed", str(run.seed), "--save", files.name, "--results-dir", files.results_dir]
     if len(devices) == 1 or devices[0] == "cpu":
         command += ["--gpus", devices[0]]
     command += ["--resume", files.folder] if run.resume else ["--recipe", recipe]
@@ -241,9 +245,10 @@ def failure_report(run):
 
 
 # The environment variables of the settings, and the main.py options they set.
-SETTINGS = {"K": "-K", "S": "--scale", "L": "-L", "LR": "--lr", "WD": "--wd", "LR_DECAY": "--lr_decay",
-            "WARMUP_EPOCHS": "--warmup_epochs", "EPOCHS": "--epochs", "BATCH": "-b", "WIDTH": "--width",
-            "LOADER": "--loader", "WORKERS": "-j"}
+SETTINGS = {"K": "-K", "S": "--scale", "L": "-L", "LR": "--lr", "WD": "--wd", "LR_DECAY": "--lr-decay",
+            "WARMUP_EPOCHS": "--warmup-epochs", "EPOCHS": "--epochs", "BATCH": "-b", "WIDTH": "--width",
+            "LOADER": "--loader", "WORKERS": "-j", "METHOD": "--method", "METHOD_LR": "--method-lr",
+            "TEMPERATURE": "--temperature", "RECALIBRATE": "--recalibrate"}
 PAPER_SEEDS = "2020 2024 1314 512 2333"
 
 
@@ -264,7 +269,7 @@ def parse(argv, env):
         usage_error(f"SEEDS must be integers, got {env['SEEDS']!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         usage_error(f"give one or more different seeds, got {seeds}")
-    slots = argv or env.get("GPUS", "0 1 2 3 4").split()
+    slots = argv or (env.get("GPUS") or "0 1 2 3 4").split()  # empty: unset
     bad = [s for s in slots if s != "cpu" and not s.isdigit()]
     if not slots or bad:
         usage_error(f"GPU slots are CUDA device indices or 'cpu', got {' '.join(slots) or 'none'}")
@@ -286,13 +291,46 @@ def parse(argv, env):
     for problem in cfg.contradictions():
         usage_error(problem)
     if env.get("DATA_ROOT", "") != "":  # else main.py's default for the dataset
-        main_args += ["--data_root", env["DATA_ROOT"]]
+        main_args += ["--data-root", env["DATA_ROOT"]]
     return recipe, cfg, seeds, slots, env.get("RESULTS_DIR") or "./results", main_args
+
+
+def check_slots(slots):
+    """One line, in the scripts' own terms, when a slot names a GPU this machine does not have."""
+    import torch
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = sorted({d for slot in slots for d in slot.split() if d != "cpu" and int(d) >= count}, key=int)
+    if not missing:
+        return None
+    given = " ".join(slots)
+    if count == 0:
+        return (f"GPUS={given!r}: this machine has no GPU; run on the CPU with GPUS=cpu (GPUS=\"cpu cpu\" for two "
+                f"runs at a time)")
+    return (f"GPUS={given!r} names GPU {', '.join(missing)}, and this machine has {count} "
+            f"(GPUs 0 to {count - 1}); give those, or cpu")
+
+
+def check_dataset(cfg, env):
+    """One line, before anything starts, when the recipe's dataset is not where the runs would read it."""
+    dataset = DATASETS[cfg.dataset]
+    root = env.get("DATA_ROOT") or dataset.default_root
+    try:
+        if isinstance(dataset, InMemory):
+            dataset.read(root, "test")
+        else:
+            dataset.check(root)
+    except DatasetError as error:
+        return f"{error} (DATA_ROOT={root!r}: set DATA_ROOT to the folder that holds it)"
+    return None
 
 
 def main(argv=None):
     recipe, cfg, seeds, slots, results_dir, main_args = parse(sys.argv[1:] if argv is None else argv,
                                                              os.environ)
+    problem = check_slots(slots) or check_dataset(cfg, os.environ)
+    if problem:  # once, before any run starts or any folder is made
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     runs = [Run(seed, config.run_name(recipe, cfg, seed), results_dir) for seed in seeds]
     try:  # a results folder that cannot be written: one line, before anything starts
         os.makedirs(results_dir, exist_ok=True)
@@ -302,7 +340,8 @@ def main(argv=None):
     except OSError as error:
         print(f"error: cannot write to RESULTS_DIR {results_dir}: {error.strerror or error}", file=sys.stderr)
         return 1
-    say(f"{len(runs)} seeds of {recipe} on the slots {' '.join(slots)}; logs in {results_dir}/")
+    say(f"{len(runs)} seed{'s' if len(runs) != 1 else ''} of {recipe} on the slot{'s' if len(slots) != 1 else ''} "
+        f"{' '.join(slots)}; logs in {results_dir}/")
     to_run = [run for run in runs if plan(run)]
     for run in to_run:
         run.planned = True

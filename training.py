@@ -247,6 +247,8 @@ def open_log(run, run_id, cfg, resumed, path, device, steps, world):
                 f"{cfg.virtual_ranks} virtual ranks" if cfg.virtual_ranks > 1 else "one rank"
             on = f"{device} ({threads.describe(torch.get_num_threads())})" if device.type == "cpu" else device
             log.write(f"Device: {on}; {ranks}; {steps} training steps per epoch")
+            log.write(f"Files: this log is {run.log}; the checkpoints, metrics.csv and config.json are in "
+                      f"{run.folder}/")
             if cfg.scale_lr:
                 log.write(scaled_lr_note(cfg, world))
             return log
@@ -291,7 +293,7 @@ def resume_command(request, run, world, data_root, dataset):
         words = ["torchrun", "--nproc_per_node", str(world.size), "main.py"]
     words += ["--resume", run.folder]
     if os.path.normpath(data_root) != os.path.normpath(DATASETS[dataset].default_root):
-        words += ["--data_root", data_root]
+        words += ["--data-root", data_root]
     if request.gpus is not None:
         words += ["--gpus", request.gpus]
     return " ".join(shlex.quote(word) for word in words)
@@ -314,14 +316,14 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     train_batches, test_batches = factory.batches(cfg, folder, device, world)
     recalibration = factory.recalibration_batches(cfg, folder, device, world) if cfg.recalibrate else None
     problem = factory.class_problem(cfg, folder)
-    model, opt = factory.build(cfg, device)
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
+    steps = len(train_batches) // len(shards)
+    model, opt = factory.build(cfg, device, images_per_epoch=steps * cfg.batch_size * world.size * len(shards))
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=(lambda grads: distributed.average_(grads, world)) if world.several else None,
                          total=distributed.summing(world))
     if resumed is not None:
         factory.fill(model, opt, resumed, path)
-    steps = len(train_batches) // len(shards)
     peak = peak_lr(cfg, world)
     lr_at = lambda it: learning_rate(it, peak, cfg.warmup_epochs * steps, cfg.epochs * steps, cfg.lr_decay)
     events = world.main and writes_events(request, run)

@@ -61,7 +61,7 @@ class Dataset:
     image_size: int
     mean: tuple
     std: tuple
-    default_root: str = "./datasets"  # where main.py reads it without --data_root (download_data.sh puts it there)
+    default_root: str = "./datasets"  # where main.py reads it without --data-root (download_data.sh puts it there)
 
     def loaders(self, cfg, root, world, device):
         """(training batches, test batches) of this process: see the module's docstring."""
@@ -79,12 +79,15 @@ class Dataset:
     def recalibration_loader(self, cfg, root, world, device):
         """The training images on which the deployed network's BatchNorm statistics are
         recomputed (``optim.recalibrate``): ``cfg.recalibrate`` of them (all, if the set
-        has fewer), a random subset drawn from the run's seed, as the test set is read
-        (no augmentation: the deployed network is normalised for the images it will see).
-        They are dealt into one contiguous shard per rank (virtual ranks included), each
-        batched by ``cfg.batch_size``; this process yields, step by step, its ranks'
-        batches of that step together, so that the union over the processes at every step
-        is the same whatever the processes, as ``recalibrate(total=...)`` needs."""
+        has fewer), a random subset drawn from the run's seed, read as training reads them
+        (augmented, with draws of their own): the statistics are then those the network's
+        BatchNorm layers normalised with in training, now for sign(M) itself, as
+        ``update_bn`` computes them from a training loader (measured against the test
+        set's reading in the README). They are dealt to the ranks (virtual ranks
+        included) as training deals its images, batched by ``cfg.batch_size``; this
+        process yields, step by step, its ranks' batches of that step together, so that
+        the union over the processes at every step is the same whatever the processes,
+        as ``recalibrate(total=...)`` needs. Every pass yields the same batches."""
         raise NotImplementedError
 
     def _recalibration_subset(self, cfg, available, world):
@@ -144,7 +147,9 @@ class InMemory(Dataset):
         chosen, ranks = self._recalibration_subset(cfg, len(labels), world)
         images, labels = images[chosen], labels[chosen]
         mine = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
-        return StepsTogether([self.loader(images, labels, cfg.batch_size, False, device, [g], ranks) for g in mine])
+        seed = seeds.derived_seed(cfg.seed or 0, "recalibration")
+        return SamePasses(lambda: self.loader(images, labels, cfg.batch_size, True, device, mine, ranks, seed),
+                          len(mine))
 
     def _check_test_set(self, labels, root):
         if len(labels) == 0:
@@ -187,10 +192,14 @@ class ImageFolders(Dataset):
         chosen, ranks = self._recalibration_subset(cfg, len(samples), world)
         subset = [samples[i] for i in chosen.tolist()]
         mine = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
-        return StepsTogether([imagenet_batches(subset, False, cfg.batch_size, device, shard=g, shards=ranks,
-                                               workers=cfg.workers, backend=backend, decoder=decoder,
-                                               seed=cfg.seed or 0, memory_format=memory_format(device))
-                              for g in mine])
+        seed = seeds.derived_seed(cfg.seed or 0, "recalibration")
+
+        def one_pass():
+            made = [imagenet_batches(subset, True, cfg.batch_size, device, shard=g, shards=ranks, workers=cfg.workers,
+                                     backend=backend, decoder=decoder, seed=seed, memory_format=memory_format(device))
+                    for g in mine]
+            return made[0] if len(made) == 1 else Interleaved(made)
+        return SamePasses(one_pass, len(mine))
 
     def test_loader(self, cfg, root, world, device):
         loader = "torchvision" if cfg.loader == "device" else cfg.loader  # an evaluation needs no choice
@@ -214,22 +223,31 @@ class ImageFolders(Dataset):
         return ("dali", loader[len("dali-"):]) if loader.startswith("dali") else ("torchvision", "cpu")
 
 
-class StepsTogether:
-    """The batches of several shards, step by step: at each step the shards' batches of
-    that step joined into one (the union batch of a process's virtual ranks)."""
+class SamePasses:
+    """Batches that are the same at every pass, from a training loader made anew for each
+    (``make()``: its first epoch), whose steps give one batch per virtual rank in turn:
+    at each step those ``per_step`` batches are joined into one, the union batch of the
+    process's ranks."""
 
-    def __init__(self, shards):
-        self.shards = shards
+    def __init__(self, make, per_step):
+        self.make, self.per_step = make, per_step
+        self._steps = None
 
     def __len__(self):
-        return min(len(shard) for shard in self.shards)
+        if self._steps is None:
+            self._steps = len(self.make()) // self.per_step
+        return self._steps
 
     def __iter__(self):
-        for batches in zip(*self.shards):
-            if len(batches) == 1:
-                yield batches[0]
+        batches = iter(self.make())
+        while True:
+            step = [batch for _, batch in zip(range(self.per_step), batches)]
+            if len(step) < self.per_step:
+                return
+            if len(step) == 1:
+                yield step[0]
             else:
-                yield torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
+                yield torch.cat([images for images, _ in step]), torch.cat([labels for _, labels in step])
 
 
 def _cifar_reference_augment():

@@ -19,4 +19,4 @@ DATA_ROOT=${DATA_ROOT:-}           # default: where the run was trained (a check
 GPU=${GPU:-}                       # a CUDA device index or "cpu" (default: GPU 0 if there is one)
 
 exec python3 "$HERE/../main.py" --evaluate "$CHECKPOINT" --model vgg16 --dataset cifar10 \
-    -L "$L" ${DATA_ROOT:+--data_root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}
+    -L "$L" ${DATA_ROOT:+--data-root "$DATA_ROOT"} ${GPU:+--gpus "$GPU"}

@@ -22,7 +22,7 @@ NPROC=${NPROC:-1}                  # processes (GPUs) under torchrun
 LOADER=${LOADER:-torchvision}      # torchvision, dali-gpu or dali-cpu
 
 ARGS=(--evaluate "$CHECKPOINT" --model alexnet_1w32a --dataset imagenet -L "$L"
-      --loader "$LOADER" --eval-batch-size 256 ${DATA_ROOT:+--data_root "$DATA_ROOT"})
+      --loader "$LOADER" --eval-batch-size 256 ${DATA_ROOT:+--data-root "$DATA_ROOT"})
 if (( NPROC > 1 )); then
     exec python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$HERE/../main.py" "${ARGS[@]}" \
         ${GPU:+--gpus "$GPU"}

@@ -20,7 +20,7 @@ into a file of plain data (loadable with ``torch.load(weights_only=True)``):
     state                    every other tensor of the state_dict, floating ones as float32
     source                   what it was exported from
     data_root                the data folder of the run it comes from (or None), where
-                             ``main.py --evaluate`` reads the test set without --data_root
+                             ``main.py --evaluate`` reads the test set without --data-root
 
 ``load_packed`` gives back a plain ``nn.Module`` in eval mode that computes the mean
 network exactly, with no optimizer.

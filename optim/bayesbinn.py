@@ -43,309 +43,23 @@ Every other ("real") parameter is trained by torch's SGD exactly as VISPA trains
 over the collected samples, so that beside VISPA only the binary weights' method
 differs. The protocol (``sampled_params``, ``mean_params``, ``collected_gradients``,
 ``step``, the generator, ``state_dict``) is VISPA's and lives in
-``BinaryWeightOptimizer``, which the latent-weight STE baseline (optim/ste.py) shares.
+``optim/binary_optimizer.py``, which VISPA and the latent-weight STE share.
 
 The optimizer state of a binary weight ``p`` (``opt.state[p]``): "lamda", "mu",
 "momentum", "step" (an int), and "prior_lamda" once a prior is set. Real parameters
 have "momentum_buffer", as in torch.optim.SGD.
 """
 import math
-import numbers
-from contextlib import contextmanager
 
 import torch
-from torch.optim.sgd import sgd as sgd_update
 
-
-def _is_binary(param):
-    """Binary layers mark their sign weights with ``param.binary = True``."""
-    return getattr(param, "binary", False)
-
-
-def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    """Refuse anything but a finite real number within the bounds, with a message that
-    names the setting. bools are refused: ``True`` is an int to Python, not a number
-    anyone means as a learning rate."""
-    bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
-    bounds += [f"{'<' if high_open else '<='} {high}"] if high is not None else []
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise ValueError(f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, "
-                         f"got {value!r}")
+from .binary_optimizer import BinaryWeightOptimizer, check_number
 
 
 def _relaxed(lamda, u, temperature):
     """The relaxed Bernoulli sample ``tanh((lamda + log(u / (1 - u)) / 2) / temperature)``,
     in the authors' order of operations."""
     return torch.tanh((torch.log(u / (1 - u)) / 2 + lamda) / temperature)
-
-
-def _check_seed(seed):
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-
-
-class BinaryWeightOptimizer(torch.optim.Optimizer):
-    """The protocol of VISPA's optimizer, for a method that keeps its own state per
-    binary weight and one state tensor (``KEY``) whose ``.grad`` collects that weight's
-    per-sample gradients. A subclass says how a sample and the mean network are
-    written, what gradient a sample gives, and how the collected gradients update the
-    state; everything else is here:
-
-    - ``sampled_params(train=True)`` writes one training sample into every binary
-      weight; leaving it turns the gradient ``backward()`` left on each weight into
-      the method's own gradient (added to those of the samples before it; ``p.grad``
-      is cleared), and the layers hold the mean network again;
-    - ``step()`` applies the average over the collected samples, to the binary
-      weights' state and, by SGD, to the real parameters;
-    - draws come from ``opt.generator`` (seeded by ``seed``, saved in ``state_dict``),
-      so that they do not depend on the data pipeline and a resumed run draws what an
-      uninterrupted one would.
-    """
-    KEY = None
-
-    def __init__(self, params, defaults, fused=None, seed=None):
-        _check_seed(seed)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.fused = fused
-        self.generator = None  # made by the first binary weight's group, on its device
-        self._seed = seed
-        self._samples = 0  # training samples whose gradients were collected since the last step
-        super().__init__(params, defaults)
-        if self.generator is None:
-            raise ValueError(f"{type(self).__name__} found no binary weights among the parameters: binary "
-                             f"layers must mark their sign weight with `param.binary = True`")
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._check(group)
-        for p in group["params"]:
-            if _is_binary(p):
-                if self.generator is None:
-                    self.generator = torch.Generator(device=p.device).manual_seed(self._seed)
-                with torch.no_grad():
-                    self._init_state(p, group)
-                    self._write_mean(p)
-
-    def _binary_groups(self):
-        """(group, its binary weights) for every group that has some."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if _is_binary(p)]
-            if params:
-                yield group, params
-
-    def binary_params(self):
-        """The binary weights, in the order of the parameter groups: the order of the
-        draws that ``sampled_params`` takes and yields."""
-        return [p for _, params in self._binary_groups() for p in params]
-
-    # ---- sampling -------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _write_samples(self, train, draws=None, generator=None):
-        """Write one sample into every binary weight (given ``draws``, or fresh ones from
-        ``generator`` or the optimizer's own); returns the draws, one per weight."""
-        if draws is not None and len(draws) != len(self.binary_params()):
-            raise ValueError(f"{len(draws)} draws given for {len(self.binary_params())} binary weights")
-        given = None if draws is None else iter(draws)
-        generator = self.generator if generator is None else generator
-        return [self._write_sample(group, p, None if given is None else next(given), generator, train)
-                for group, params in self._binary_groups() for p in params]
-
-    @torch.no_grad()
-    def _write_means(self):
-        for p in self.binary_params():
-            self._write_mean(p)
-
-    @contextmanager
-    def sampled_params(self, train: bool = False, draws=None, generator=None):
-        """Run the enclosed forward pass on one sample of the binary weights: a training
-        sample with ``train=True``, else one network as the method draws them at test
-        time. Yields the draws (one per binary weight, in ``binary_params()`` order);
-        ``draws`` replays given ones; ``generator`` draws from another generator than
-        the optimizer's own. With ``train=True``, leaving the context collects the
-        gradient that the enclosed ``backward()`` left on each binary weight (and clears
-        it). On leaving, the layers hold the mean network again."""
-        used = self._write_samples(train, draws, generator)
-        completed = False
-        try:
-            yield used
-            completed = True
-        finally:
-            if train:
-                self._collect_gradients(used, keep=completed)
-            self._write_means()
-
-    @contextmanager
-    def mean_params(self):
-        """Run the enclosed forward pass on the method's deterministic network."""
-        self._write_means()
-        yield
-
-    @torch.no_grad()
-    def _collect_gradients(self, draws, keep=True):
-        """Add each binary weight's gradient of the sample drawn with ``draws`` to
-        ``state[KEY].grad``; ``keep=False`` (the enclosed code raised) drops the sample."""
-        draws = iter(draws)
-        collected = False
-        for group, params in self._binary_groups():
-            for p in params:
-                draw = next(draws)
-                g, p.grad = p.grad, None
-                if g is None or not keep:
-                    continue
-                collected = True
-                target = self.state[p][self.KEY]
-                grad = self._sample_gradient(group, p, draw, g.contiguous())
-                target.grad = grad if target.grad is None else target.grad.add_(grad)
-        self._samples += collected
-
-    def zero_grad(self, set_to_none: bool = True):
-        """Clear the real parameters' gradients and the collected ones of the binary weights."""
-        super().zero_grad(set_to_none=set_to_none)
-        self._clear_collected()
-
-    def _clear_collected(self):
-        for p in self.binary_params():
-            self.state[p][self.KEY].grad = None
-        self._samples = 0
-
-    def collected_gradients(self):
-        """Every gradient the next ``step()`` uses, as tensors that may be changed in
-        place (e.g. averaged across processes)."""
-        grads = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.state[p][self.KEY].grad if _is_binary(p) else p.grad
-                if grad is not None:
-                    grads.append(grad)
-        return grads
-
-    # ---- update ---------------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update with the average over the training samples collected since the last
-        step. ``closure``, if given, must compute the loss and call ``backward()``; it is
-        run inside ``sampled_params(train=True)``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(), self.sampled_params(train=True):
-                loss = closure()
-        if self._samples == 0:
-            raise RuntimeError(f"{type(self).__name__}.step() needs the gradients of a training sample: run "
-                               f"the forward and backward pass inside `opt.sampled_params(train=True)`")
-        for group in self.param_groups:
-            self._sgd_real(group)
-            params = [p for p in group["params"] if _is_binary(p) and self.state[p][self.KEY].grad is not None]
-            if params:
-                self._update_binary(group, params)
-        self._clear_collected()
-        self._write_means()
-        return loss
-
-    def _sgd_real(self, group):
-        """torch's SGD on the group's real parameters, with their gradients averaged over
-        the samples: VISPA's update of its real parameters, call for call."""
-        params = [p for p in group["params"] if not _is_binary(p) and p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad if self._samples == 1 else p.grad / self._samples for p in params]
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
-        fused = self.fused if self.fused is not None else all(p.is_cuda for p in params)
-        # The fused kernel starts the momentum of all its tensors or of none: tensors without
-        # a buffer yet (first step) and the others are updated in two calls.
-        for batch in ([i for i, b in enumerate(buffers) if b is None],
-                      [i for i, b in enumerate(buffers) if b is not None]):
-            if not batch:
-                continue
-            batch_buffers = [buffers[i] for i in batch]
-            sgd_update([params[i] for i in batch], [grads[i] for i in batch], batch_buffers,
-                       fused=fused or None, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                       lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
-            for i, buf in zip(batch, batch_buffers):
-                if buf is not None:
-                    self.state[params[i]]["momentum_buffer"] = buf
-
-    # ---- checkpoints ----------------------------------------------------------------
-
-    def state_dict(self):
-        """torch's optimizer state, plus the generator of draws (``"generator"``: the
-        kind of device it draws on and its state)."""
-        state = super().state_dict()
-        state["generator"] = {"device": self.generator.device.type, "state": self.generator.get_state()}
-        return state
-
-    def load_state_dict(self, state_dict):
-        """Restore the method's state, the real parameters' momenta, the hyper-parameters
-        and the generator of draws, and write the mean network into the layers. A
-        generator saved on another kind of device cannot be restored; this optimizer's
-        own then goes on drawing.
-
-        Raises ValueError, before changing anything, for a state of another network or
-        method (naming the tensors) or with invalid hyper-parameters."""
-        state_dict = dict(state_dict)
-        generator = state_dict.pop("generator", None)
-        mismatched = self._shape_mismatches(state_dict)
-        if mismatched:
-            shown = "; ".join(mismatched[:3])
-            shown += f"; ... ({len(mismatched)} in all)" if len(mismatched) > 3 else ""
-            raise ValueError("optimizer state does not match this network: " + shown)
-        for group in state_dict["param_groups"]:
-            self._check(group)
-        super().load_state_dict(state_dict)
-        if generator is not None and generator["device"] == self.generator.device.type:
-            self.generator.set_state(generator["state"].cpu())
-        self._clear_collected()
-        self._write_means()
-
-    def _shape_mismatches(self, state_dict):
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            return [f"{len(saved_groups)} parameter groups saved, {len(self.param_groups)} here"]
-        problems = []
-        for saved, group in zip(saved_groups, self.param_groups):
-            if len(saved["params"]) != len(group["params"]):
-                problems.append(f"{len(saved['params'])} parameters saved, {len(group['params'])} here")
-                continue
-            for index, p in zip(saved["params"], group["params"]):
-                here = self.state[p].get(self.KEY) if _is_binary(p) else None
-                there = state_dict["state"].get(index, {}).get(self.KEY)
-                if (here is None) != (there is None):
-                    problems.append(f"parameter {index}: {self.KEY} {'missing' if there is None else 'unexpected'}")
-                elif here is not None and here.shape != there.shape:
-                    problems.append(f"parameter {index}: {self.KEY} has shape {tuple(there.shape)} saved, "
-                                    f"{tuple(here.shape)} here")
-        return problems
-
-    # ---- what a method says -----------------------------------------------------------
-
-    def _check(self, group):
-        """Raise ValueError for an invalid hyper-parameter of ``group``."""
-        check_number("lr", group.get("lr"), low=0)
-        check_number("momentum", group.get("momentum"), low=0)
-        check_number("weight_decay", group.get("weight_decay"), low=0)
-
-    def _init_state(self, p, group):
-        raise NotImplementedError
-
-    def _write_sample(self, group, p, draw, generator, train):
-        raise NotImplementedError
-
-    def _write_mean(self, p):
-        raise NotImplementedError
-
-    def _sample_gradient(self, group, p, draw, g):
-        raise NotImplementedError
-
-    def _update_binary(self, group, params):
-        raise NotImplementedError
 
 
 class BayesBiNN(BinaryWeightOptimizer):
@@ -377,7 +91,9 @@ class BayesBiNN(BinaryWeightOptimizer):
     Every setting but ``seed`` and ``fused`` may differ between parameter groups.
     ``set_distribution`` sets lamda given; ``set_prior`` a prior's lamda.
     """
-    KEY = "lamda"
+    KEYS = ("lamda",)
+    DISTRIBUTION = ("lamda", "mu", "prior_lamda")
+    DRAWS_AT_INIT = True  # lamda starts as random signs from the optimizer's generator
 
     def __init__(self, params, train_set_size, lr=3e-4, beta=0.0, temperature=1e-8, lamda_init=10.0,
                  lamda_std=0.0, reweight=1.0, point_estimate=False, momentum=0.9, weight_decay=0.0,
@@ -428,6 +144,27 @@ class BayesBiNN(BinaryWeightOptimizer):
             raise ValueError(f"prior_lamda has shape {tuple(prior_lamda.shape)}, expected {tuple(lamda.shape)}")
         self.state[param]["prior_lamda"] = prior_lamda.to(lamda.device, lamda.dtype).clone()
 
+    def _state_shapes(self, p, group):
+        s = tuple(p.shape)
+        return {"lamda": s, "mu": s, "momentum": s, "prior_lamda": s}
+
+    def _complete_state(self, p, group):
+        """A state of the distribution alone (model_best) starts its momentum afresh."""
+        state = self.state[p]
+        state.setdefault("momentum", torch.zeros_like(state["lamda"]))
+        state.setdefault("step", 0)
+
+    def _checked_draw(self, group, p, draw, train):
+        if train and group["point_estimate"]:
+            if not (isinstance(draw, torch.Tensor) and draw.numel() == 0):
+                raise ValueError("the point estimate draws nothing: give empty tensors as its draws")
+            return draw
+        if not isinstance(draw, torch.Tensor) or draw.numel() != p.numel():
+            found = tuple(draw.shape) if isinstance(draw, torch.Tensor) else type(draw).__name__
+            raise ValueError(f"a draw for a binary weight of shape {tuple(p.shape)} must be a tensor of "
+                             f"{p.numel()} values (one per weight), got {found}")
+        return draw.to(p.device, p.dtype).reshape(p.shape)
+
     def _write_sample(self, group, p, draw, generator, train):
         """Training: ``tanh((lamda + log(u/(1-u))/2) / temperature)`` with ``u ~ U(0, 1)``
         (the draw), or ``tanh(lamda)`` in the point-estimate mode (no draw). Test:
@@ -441,8 +178,6 @@ class BayesBiNN(BinaryWeightOptimizer):
                 draw = torch.rand(lamda.shape, generator=generator, dtype=p.dtype, device=p.device)
             else:
                 draw = torch.bernoulli(torch.sigmoid(2 * lamda), generator=generator)
-        else:
-            draw = draw.to(p.device, p.dtype).reshape(lamda.shape)
         if train:
             p.copy_(_relaxed(lamda, draw, group["temperature"]))
         else:
@@ -453,15 +188,14 @@ class BayesBiNN(BinaryWeightOptimizer):
         """+1 where mu > 0, -1 where mu <= 0 (the authors' mean network, from the lagging mu)."""
         p.copy_(torch.where(self.state[p]["mu"] <= 0, -1.0, 1.0))
 
-    def _sample_gradient(self, group, p, draw, g):
+    def _sample_gradients(self, group, p, draw, g):
         """``g (1 - w^2 + 1e-10) / temperature / (1 - mu^2 + 1e-10)``; ``g`` itself in the
-        point-estimate mode. The sample w is computed again from its draw, not read from
-        the layer, which an evaluation pass inside the context may have overwritten."""
+        point-estimate mode. The sample w is computed again from its draw."""
         if group["point_estimate"]:
-            return g
+            return {"lamda": g}
         state, tau = self.state[p], group["temperature"]
         w, mu = _relaxed(state["lamda"], draw, tau), state["mu"]
-        return (1 - w * w + 1e-10) / tau / (1 - mu * mu + 1e-10) * g
+        return {"lamda": (1 - w * w + 1e-10) / tau / (1 - mu * mu + 1e-10) * g}
 
     def _update_binary(self, group, params):
         """The bias-corrected momentum step on lamda; mu from the lamda before it. The

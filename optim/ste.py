@@ -29,7 +29,7 @@ parameters have "momentum_buffer", as in torch.optim.SGD.
 import torch
 from torch.optim.adam import adam as adam_update
 
-from .bayesbinn import BinaryWeightOptimizer, check_number
+from .binary_optimizer import BinaryWeightOptimizer, check_number
 
 
 class STE(BinaryWeightOptimizer):
@@ -48,7 +48,8 @@ class STE(BinaryWeightOptimizer):
     A layer that already holds signs (built into another optimizer, or filled from a
     state_dict) is refused: its weight would not be the initial latent weight.
     """
-    KEY = "latent"
+    KEYS = ("latent",)
+    DISTRIBUTION = ("latent",)
 
     def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, momentum=0.9, weight_decay=0.0,
                  fused=None, seed=None):
@@ -75,6 +76,22 @@ class STE(BinaryWeightOptimizer):
         self.state[p].update(latent=latent, exp_avg=torch.zeros_like(latent),
                              exp_avg_sq=torch.zeros_like(latent), step=torch.tensor(0.0))
 
+    def _state_shapes(self, p, group):
+        s = tuple(p.shape)
+        return {"latent": s, "exp_avg": s, "exp_avg_sq": s}
+
+    def _complete_state(self, p, group):
+        """A state of the latent weight alone (model_best) starts Adam's moments afresh."""
+        state = self.state[p]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.setdefault(key, torch.zeros_like(state["latent"]))
+        state.setdefault("step", torch.tensor(0.0))
+
+    def _checked_draw(self, group, p, draw, train):
+        if not (isinstance(draw, torch.Tensor) and draw.numel() == 0):
+            raise ValueError("the latent-weight STE draws nothing: give empty tensors as its draws")
+        return draw
+
     def _write_sample(self, group, p, draw, generator, train):
         self._write_mean(p)
         return p.new_empty(0)
@@ -83,8 +100,8 @@ class STE(BinaryWeightOptimizer):
         """sign(latent), with +1 at 0 as their binarize function."""
         p.copy_(torch.where(self.state[p]["latent"] >= 0, 1.0, -1.0))
 
-    def _sample_gradient(self, group, p, draw, g):
-        return g  # straight through
+    def _sample_gradients(self, group, p, draw, g):
+        return {"latent": g}  # straight through
 
     def _update_binary(self, group, params):
         """torch's Adam (the implementation torch.optim.Adam would pick) with the mean of

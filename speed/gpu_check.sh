@@ -49,13 +49,13 @@ stop_after() {
 
     step "2. a run on the GPU: uninterrupted, and stopped after epoch 2 then resumed"
     $python main.py --demo > /dev/null  # writes results/demo_data (on the CPU)
-    common=(--dataset cifar10 --data_root results/demo_data --model resnet18 --width 16 -K 4 -L 4
-            --lr 0.1 -b 64 --warmup_epochs 1 --epochs 4 --seed 0 --gpus "$gpu" --results_dir "$runs")
+    common=(--dataset cifar10 --data-root results/demo_data --model resnet18 --width 16 -K 4 -L 4
+            --lr 0.1 -b 64 --warmup-epochs 1 --epochs 4 --seed 0 --gpus "$gpu" --results-dir "$runs")
     $python main.py "${common[@]}" --save whole > /dev/null
     $python main.py "${common[@]}" --save stopped > /dev/null &
     stop_after "$runs/stopped/metrics.csv" 2 $!
     echo "stopped with exit status $? after $(($(wc -l < "$runs/stopped/metrics.csv") - 1)) epochs"
-    $python main.py --resume "$runs/stopped" --data_root results/demo_data --gpus "$gpu" > /dev/null
+    $python main.py --resume "$runs/stopped" --data-root results/demo_data --gpus "$gpu" > /dev/null
     for run in whole stopped; do
         echo "$run:"
         grep "^Epoch" "$runs/$run.txt" | sed 's/|[^|]*s$//'
@@ -65,7 +65,7 @@ stop_after() {
 
     step "2b. the packed export of that run, evaluated on the GPU"
     $python main.py --export "$runs/whole/model_best.pth.tar" --out "$runs/whole.bnn"
-    $python main.py --evaluate "$runs/whole.bnn" --dataset cifar10 --data_root results/demo_data --gpus "$gpu"
+    $python main.py --evaluate "$runs/whole.bnn" --dataset cifar10 --data-root results/demo_data --gpus "$gpu"
     best=$(tail -n 1 "$runs/whole.txt" | sed 's/.*(epoch \([0-9]*\)\/.*/\1/')
     echo "the log's mean-net Prec@1 of that epoch ($best): $(grep "^Epoch $best/" "$runs/whole.txt" |
         sed 's/.*mean-net Prec@1 \([0-9.]*\).*/\1/')"

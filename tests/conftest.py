@@ -4,12 +4,23 @@ import os
 import sys
 
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's packages, wherever pytest is started from
 
+from utils import environment  # noqa: E402
+
+import torch  # noqa: E402
+
 from data.synthetic import structured_images, write_cifar, write_structured_cifar  # noqa: E402
+
+def pytest_configure(config):
+    """A torch and torchvision that do not work together would fail dozens of tests with
+    tracebacks: the suite stops before collecting anything, with the one line that says so."""
+    broken = environment.problem()
+    if broken:
+        pytest.exit(f"error: {broken}", returncode=pytest.ExitCode.USAGE_ERROR)
+
 
 # The suite runs in two processes on two cores (pytest -n 2): one thread each, as the
 # runs they start (helpers.ENV), unless OMP_NUM_THREADS says how many.

@@ -196,21 +196,27 @@ def test_sample_gradient_is_the_relaxed_samples_autograd_over_the_bernoullis_fis
                                    atol=1e-12 * expected.abs().max().item())
 
 
-def test_an_evaluation_pass_inside_the_training_context_leaves_the_gradient_alone():
-    """The sample's gradient is scaled with the sample itself, computed again from its
-    draw, whatever the layers hold when the context is left."""
+def test_the_contexts_do_not_nest():
+    """An evaluation pass inside the training context would leave the rest of the training
+    sample's forward pass on the mean network: refused, and the sample's gradient is the
+    one it would be alone."""
     model, opt = small(seed=13)
     x, y = batch(13)
-    collected, draws = [], None
-    for evaluate_inside in (False, True):
-        opt.zero_grad()
-        with opt.sampled_params(train=True, draws=draws) as draws:
-            F.cross_entropy(model(x), y).backward()
-            if evaluate_inside:
-                with torch.no_grad(), opt.mean_params():
-                    model(x)
-        collected.append([opt.state[p]["lamda"].grad.clone() for p in opt.binary_params()])
-    assert all(torch.equal(a, b) for a, b in zip(*collected))
+    opt.zero_grad()
+    with opt.sampled_params(train=True) as draws:
+        with pytest.raises(RuntimeError, match="inside sampled_params"):
+            with opt.mean_params():
+                pass
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with opt.sampled_params():
+                pass
+        F.cross_entropy(model(x), y).backward()
+    nested = [opt.state[p]["lamda"].grad.clone() for p in opt.binary_params()]
+    opt.zero_grad()
+    with opt.sampled_params(train=True, draws=draws):
+        F.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p_grad) for a, p_grad in zip(nested, [opt.state[p]["lamda"].grad
+                                                                   for p in opt.binary_params()]))
 
 
 def test_steps_match_the_float64_derivation_with_groups_prior_and_several_samples():

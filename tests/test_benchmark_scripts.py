@@ -97,21 +97,24 @@ def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root):
     assert TABLE_ROW.findall(again.stdout) == TABLE_ROW.findall(result.stdout)
 
 
-def test_paper_recipe_names_and_failed_runs(tmp_path):
-    """The default settings (the paper's recipe on GPUs 0-4): every run fails at once here
-    (no GPU, or no dataset in an empty data root), before it writes a log; the script says
-    so for each run, shows why, and exits non-zero."""
-    results, empty = tmp_path / "results", tmp_path / "no-data"
-    empty.mkdir()
-    result = run_script(SCRIPTS["resnet18"], DATA_ROOT=empty, RESULTS_DIR=results)
+def test_paper_recipe_names_and_failed_runs(tmp_path, data_root):
+    """The paper's recipe and seeds: the runs are named as the authors name theirs, and each
+    fails at once here (its folder holds a config.json of the user's, which no run
+    replaces), before it writes a log; the script says so for each run, shows why, and
+    exits non-zero."""
+    results = tmp_path / "results"
+    names = [f"resnet18_1w32a_cifar100_seed={seed}_benchmark_K=8_S=100_L=40_wd=5e-4_lr=0.1_cos_epochs=500"
+             for seed in (2020, 2024, 1314, 512, 2333)]
+    for name in names:
+        (results / name).mkdir(parents=True)
+        (results / name / "config.json").write_text('{"mine": true}\n')
+    result = run_script(SCRIPTS["resnet18"], DATA_ROOT=data_root, RESULTS_DIR=results, GPUS="cpu cpu cpu cpu cpu")
     assert result.returncode == 1
-    for seed in (2020, 2024, 1314, 512, 2333):
-        log = (f"{results}/resnet18_1w32a_cifar100_seed={seed}_benchmark_K=8_S=100_L=40_wd=5e-4_"
-               f"lr=0.1_cos_epochs=500.txt")
+    for seed, name in zip((2020, 2024, 1314, 512, 2333), names):
         assert f"FAILED: seed {seed} (exit status 1), it wrote no log;" in result.stdout
-        assert not os.path.exists(log)
-    assert result.stdout.count("error: ") == 5  # main.py's message, shown for each run
-    assert re.search(r"no such CUDA device|cifar100 not found", result.stdout)
+        assert not os.path.exists(f"{results}/{name}.txt")
+        assert (results / name / "config.json").read_text() == '{"mine": true}\n'
+    assert result.stdout.count("config.json exists and was not written by a run") == 5  # shown for each run
 
 
 def test_a_run_that_fails_after_its_start_is_named_with_its_log(tmp_path, data_root):
@@ -138,14 +141,16 @@ def test_seeds_queue_on_one_slot(tmp_path, data_root):
 
 
 def test_one_failed_run_is_named(tmp_path, data_root):
-    """Seed 9 gets a GPU slot that no machine has: it fails, seed 8 finishes."""
+    """Seed 9's folder holds a file of the user's where its run would write: it fails, seed 8 finishes."""
     results = tmp_path / "results"
-    result = benchmark("resnet18", results, data_root, GPUS="cpu 99", SEEDS="8 9", EPOCHS=1)
-    assert result.returncode == 1
     failed = tiny_name("resnet18", 9, epochs=1)
+    (results / failed).mkdir(parents=True)
+    (results / failed / "metrics.csv").write_text("mine\n")
+    result = benchmark("resnet18", results, data_root, GPUS="cpu cpu", SEEDS="8 9", EPOCHS=1)
+    assert result.returncode == 1
     assert "FAILED: seed 9 (exit status 1), it wrote no log;" in result.stdout
     assert not os.path.exists(f"{results}/{failed}.txt")
-    assert "--gpus 99: no such CUDA device" in result.stdout
+    assert "metrics.csv exists and was not written by a run" in result.stdout
     assert "FAILED: seed 8" not in result.stdout
     assert read_log(results, tiny_name('resnet18', 8, epochs=1))[1][2] == 1
     assert "over 1 of 2 seeds" in result.stdout
@@ -234,3 +239,30 @@ def test_an_empty_results_dir_is_the_default_folder_like_every_other_empty_varia
     import run_seeds
     *_, results_dir, _ = run_seeds.parse([], dict(RECIPE="resnet18_1w32a_cifar100", RESULTS_DIR=value))
     assert results_dir == folder
+
+
+def test_a_machine_without_a_gpu_is_told_in_the_scripts_terms_before_anything_starts(data_root, tmp_path):
+    """The default GPUS on a machine without a GPU (or GPUs it does not have): one line that
+    says which variable to set, and no run folder is made."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    results = tmp_path / "results"
+    for gpus in (None, "0 1"):
+        extra = {} if gpus is None else {"GPUS": gpus}
+        result = benchmark("resnet18", results, data_root, **extra)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: GPUS='{gpus or '0 1 2 3 4'}': this machine has no GPU; run on the CPU with GPUS=cpu "
+            f"(GPUS=\"cpu cpu\" for two runs at a time)"]
+        assert not results.exists()
+
+
+def test_a_missing_dataset_is_one_line_before_anything_starts(tmp_path):
+    results = tmp_path / "results"
+    result = benchmark("resnet18", results, tmp_path / "nowhere", GPUS="cpu cpu")
+    assert result.returncode == 1
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: cifar100 not found") and "download_data.sh cifar100" in line
+    assert "set DATA_ROOT to the folder that holds it" in line
+    assert not results.exists()

@@ -52,9 +52,9 @@ def test_the_options_are_made_from_the_config():
 @pytest.mark.parametrize("argv, message", [
     (["-K", "-1"], "argument -K: must be >= 0, got -1"),
     (["-L", "0"], "argument -L: must be >= 1, got 0"),
-    (["--scale", "0"], "argument -scale/--scale: must be > 0, got 0"),
-    (["--scale", "inf"], "argument -scale/--scale: must be a finite number, got inf"),
-    (["-b", "1"], "argument -b/--batch-size: must be >= 2, got 1"),
+    (["--scale", "0"], "argument --scale/-scale: must be > 0, got 0"),
+    (["--scale", "inf"], "argument --scale/-scale: must be a finite number, got inf"),
+    (["-b", "1"], "argument -b/--batch-size/--batch_size: must be >= 2, got 1"),
     (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["--lr", "-0.1"], "argument --lr: must be >= 0, got -0.1"),
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
@@ -63,6 +63,8 @@ def test_the_options_are_made_from_the_config():
     (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
     (["--model", "resnet50"], "argument --model: unknown model 'resnet50'; choose one of: alexnet_1w1a"),
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["--warmup_epochs", "-1"], "argument --warmup-epochs/--warmup_epochs: must be >= 0, got -1"),
+    (["--eval_batch_size", "0"], "argument --eval-batch-size/--eval_batch_size: must be >= 1, got 0"),
 ])
 def test_invalid_values_are_refused_by_the_options(argv, message, capsys):
     import argparse
@@ -101,3 +103,15 @@ def test_run_names_state_the_recipe_and_every_setting_that_differs_from_it():
     assert run_name("vgg16_1w32a_cifar10", changed) == (
         "vgg16_1w32a_cifar10_seed={seed}_benchmark_K=2_S=100_L=2_wd=5e-4_lr=0.1_cos_epochs=2"
         "_width=4_batch=64_warmup=1_bf16=True")  # what does not change the function is not named
+
+
+def test_every_option_of_several_words_takes_hyphens_and_underscores():
+    """Hyphens are the documented spelling; the authors' underscores are accepted too."""
+    from main import parse_args
+    hyphens, _, _ = parse_args(["--data-root", "d", "--results-dir", "r", "--lr-decay", "constant",
+                                "--warmup-epochs", "2", "--eval-batch-size", "7", "--virtual-ranks", "2"])
+    underscores, _, _ = parse_args(["--data_root", "d", "--results_dir", "r", "--lr_decay", "constant",
+                                    "--warmup_epochs", "2", "--eval_batch_size", "7", "--virtual_ranks", "2"])
+    assert vars(hyphens) == vars(underscores)
+    assert (hyphens.data_root, hyphens.results_dir, hyphens.lr_decay, hyphens.warmup_epochs,
+            hyphens.eval_batch_size, hyphens.virtual_ranks) == ("d", "r", "constant", 2, 7, 2)

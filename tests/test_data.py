@@ -140,3 +140,22 @@ def test_evaluation_batches_are_the_stored_images_normalised():
     batches = list(loader)
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), normalize(images, MEAN, STD), rtol=0, atol=0)
     assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(25))
+
+
+def test_the_digits_are_real_handwriting_in_the_cifar10_format(tmp_path):
+    """scikit-learn's 1,797 digits, enlarged to 32 x 32 and split a fifth of each class to the
+    test set: read back by the CIFAR-10 reader, every class in both splits, no image twice."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from data.digits import write_digits
+    write_digits(str(tmp_path))
+    train_x, train_y = DATASETS["cifar10"].read(str(tmp_path), "train")
+    test_x, test_y = DATASETS["cifar10"].read(str(tmp_path), "test")
+    assert len(train_y) + len(test_y) == len(load_digits().target) == 1797
+    assert train_x.shape[1:] == test_x.shape[1:] == (3, 32, 32) and train_x.dtype == torch.uint8
+    counts = torch.bincount(test_y, minlength=10).float() / torch.bincount(torch.cat([train_y, test_y])).float()
+    assert ((counts - 0.2).abs() < 0.01).all()  # a fifth of every class
+    assert torch.equal(train_x[:, 0], train_x[:, 1]) and torch.equal(train_x[:, 1], train_x[:, 2])  # grey
+    flat = torch.cat([train_x, test_x]).flatten(1)
+    assert len(torch.unique(flat, dim=0)) > 1700  # real images, almost all different

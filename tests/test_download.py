@@ -122,7 +122,7 @@ def test_checksum_mismatch_leaves_nothing(tmp_path, archives):
     assert result.returncode != 0
     line = one_error_line(result)
     assert "checksum mismatch" in line and md5 in line and "0" * 32 in line
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
 
 
 @pytest.mark.parametrize("downloader", DOWNLOADERS)
@@ -133,7 +133,7 @@ def test_server_gone_midway_leaves_nothing(tmp_path, archives, downloader):
         result = download(data_root, url, md5, downloader)
     assert result.returncode != 0
     assert "downloading" in one_error_line(result) and "failed" in result.stderr
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
     # and the next attempt, with a server that stays, succeeds
     with server(archive, "ok", tmp_path / "requests.log") as url:
         retry = download(data_root, url, md5, downloader)
@@ -162,7 +162,7 @@ def test_interrupted_download_leaves_nothing(tmp_path, archives):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 128 + signal.SIGTERM
     assert stderr.strip().splitlines()[-1] == "error: interrupted by SIGTERM; nothing was kept"
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
 
 
 def test_all_fetches_every_dataset(tmp_path, archives):
@@ -271,7 +271,7 @@ def test_tiny_imagenet_checksum_mismatch_leaves_nothing(tmp_path, archives):
     assert result.returncode != 0
     line = one_error_line(result)
     assert line.startswith("error: tiny-imagenet: checksum mismatch") and md5 in line and "f" * 32 in line
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
 
 
 def test_tiny_imagenet_val_that_cannot_be_sorted_leaves_nothing(tmp_path):
@@ -289,7 +289,7 @@ def test_tiny_imagenet_val_that_cannot_be_sorted_leaves_nothing(tmp_path):
     assert result.returncode != 0
     line = one_error_line(result)
     assert "cannot prepare" in line and "not in val_annotations.txt" in line and lines[-1].split("\t")[0] in line
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
 
 
 def test_tiny_imagenet_interrupted_download_leaves_nothing(tmp_path, archives):
@@ -311,4 +311,26 @@ def test_tiny_imagenet_interrupted_download_leaves_nothing(tmp_path, archives):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 128 + signal.SIGTERM
     assert stderr.strip().splitlines()[-1] == "error: interrupted by SIGTERM; nothing was kept"
-    assert os.listdir(data_root) == []
+    assert not data_root.exists()  # the script made it, and removed it again empty
+
+
+def test_an_archive_copied_by_hand_is_verified_and_extracted_offline(tmp_path, archives):
+    """No network (a URL nobody answers): the archive of the URL's name in DATA_ROOT is used, and kept."""
+    archive, md5, arrays = archives["cifar100"]
+    data_root = tmp_path / "datasets"
+    data_root.mkdir()
+    shutil.copy(archive, data_root / "cifar-100-python.tar.gz")
+    result = download(data_root, "http://127.0.0.1:9/cifar-100-python.tar.gz", md5)
+    assert result.returncode == 0, result.stderr
+    assert f"using the archive {data_root}/cifar-100-python.tar.gz" in result.stdout
+    assert sorted(os.listdir(data_root)) == ["cifar-100-python", "cifar-100-python.tar.gz"]
+    assert_same_arrays(data_root, "cifar100", arrays)
+
+
+def test_a_failed_download_says_how_to_go_on_without_a_network(tmp_path, archives):
+    _, md5, _ = archives["cifar100"]
+    data_root = tmp_path / "datasets"
+    result = download(data_root, "http://127.0.0.1:9/cifar-100-python.tar.gz", md5)
+    line = one_error_line(result)
+    assert "downloading" in line and "copy cifar-100-python.tar.gz (md5 " in line and str(data_root) in line
+    assert not data_root.exists()  # no empty folder left behind

@@ -91,17 +91,23 @@ def test_the_exported_mean_network_computes_the_checkpoints_bit_for_bit(trained,
 
 def test_the_exported_deployed_network_has_the_statistics_of_sign_m_on_training_images(trained, cifar10_root):
     """The default: every BatchNorm's running statistics are the cumulative averages, over
-    batches of the run's batch size of the run's training images in a random order drawn
-    from its seed, of the batch means and unbiased variances of sign(M)'s network in train
-    mode; here computed by torch's own routine (update_bn) on the same images."""
+    the run's recalibration batches (its training images, read as training reads them), of
+    the batch means and unbiased variances of sign(M)'s network in train mode: here
+    computed by torch's own routine (update_bn) on the same batches."""
     from torch.optim.swa_utils import update_bn
-    from utils import seeds
+
+    import config
+    from factory import DataFolder, recalibration_batches
+    from utils.distributed import World
     network, opt, ckpt = checkpoint_network(trained)
-    images, labels = DATASETS["cifar10"].read(cifar10_root, "train")
-    order = torch.randperm(len(labels), generator=seeds.generator("cpu", ckpt["config"]["seed"], "recalibration"))
-    x = normalize(images[order], DATASETS["cifar10"].mean, DATASETS["cifar10"].std)
+    cfg = config.Config.from_dict(ckpt["config"])
+    batches = recalibration_batches(cfg, DataFolder(cifar10_root), torch.device("cpu"), World())
+    first, again = [x for x, _ in batches], [x for x, _ in batches]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)), "a second pass read other images"
+    labels = DATASETS["cifar10"].read(cifar10_root, "train")[1]
+    assert sum(len(x) for x in first) == len(labels) and {len(x) for x in first[:-1]} == {cfg.batch_size}
     with opt.mean_params():
-        update_bn([x[i:i + 100] for i in range(0, len(x), 100)], network)
+        update_bn(first, network)
     network.eval()
     exported = load_packed(str(trained["out"]))
     expected = {k: v for k, v in network.state_dict().items() if "running" in k}

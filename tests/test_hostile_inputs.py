@@ -136,7 +136,8 @@ def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(cifar10
     """``--results_dir "$RESULTS"`` with the variable unset would write the run into main.py's folder."""
     paths = {"--results_dir": tmp_path, "--data_root": cifar10_root}
     command = [*TINY, "--save", "empty-path-run", *[x for o, p in paths.items() for x in (o, "" if o == option else p)]]
-    refused_by_the_command_line(command, f"argument {option}: expected a path, got an empty string",
+    documented = option.replace("_", "-")  # argparse names the option by every spelling it accepts
+    refused_by_the_command_line(command, f"argument {documented}/{option}: expected a path, got an empty string",
                                 watched=[tmp_path])
     assert not os.path.exists(os.path.join(REPO, "empty-path-run.txt"))
 
@@ -416,7 +417,7 @@ def test_a_checkpoint_with_hostile_fields_is_refused(one_epoch, tmp_path, change
 
 def test_a_warm_up_longer_than_the_run_is_refused(cifar10_root, tmp_path):
     refused_by_the_command_line([*TINY, "--warmup_epochs", 10, "--epochs", 2, "--data_root", cifar10_root,
-                                 "--results_dir", tmp_path], "--warmup_epochs 10 is more than --epochs 2",
+                                 "--results_dir", tmp_path], "--warmup-epochs 10 is more than --epochs 2",
                                 watched=[tmp_path])
 
 

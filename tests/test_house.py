@@ -15,10 +15,10 @@ ALLOWED = {
     "data": {"data", "utils"},
     "config": {"data", "models"},
     "engine": {"optim", "utils"},
-    "checkpoint": {"config", "utils"},
+    "checkpoint": {"config", "optim", "utils"},
     "factory": {"checkpoint", "config", "data", "models", "optim", "utils"},
     "training": {"checkpoint", "config", "data", "engine", "factory", "optim", "utils"},
-    "run_seeds": {"checkpoint", "config", "utils"},
+    "run_seeds": {"checkpoint", "config", "data", "utils"},
     "evaluate": {"config", "data", "engine", "factory", "models", "optim", "utils"},
     "main": {"config", "data", "evaluate", "training", "utils"},
 }

@@ -103,7 +103,7 @@ def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar1
     moved = str(tmp_path / "moved")
     unfinished(moved)
     refused(["--resume", run.folder, "--gpus", "cpu"], f"error: cifar10 not found: {moved}",
-            f"({moved} is where the run was trained; give --data_root to read the dataset from elsewhere)",
+            f"({moved} is where the run was trained; give --data-root to read the dataset from elsewhere)",
             watched=[results])
     r = run_main("--resume", run.folder, "--gpus", "cpu", "--data_root", cifar10_root)
     assert r.returncode == 0, r.stderr

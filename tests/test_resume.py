@@ -164,7 +164,10 @@ STOP_LINE = re.compile(r"^Stopped by (SIG\w+) during epoch (\d+)/\d+; the checkp
     (signal.SIGINT, ("--loader", "torchvision", "-j", "1"), 3, 1),
     # the deployed network evaluated after every epoch leaves the training as it is
     (signal.SIGTERM, ("--deployed-every-epoch",), 3, 1),
-], ids=["SIGTERM", "SIGINT-torchvision-loader", "SIGTERM-deployed-every-epoch"])
+    # the rivals: their state, draws and memory go on exactly too
+    (signal.SIGTERM, ("--method", "bayesbinn"), 3, 1),
+    (signal.SIGTERM, ("--method", "ste"), 3, 1),
+], ids=["SIGTERM", "SIGINT-torchvision-loader", "SIGTERM-deployed-every-epoch", "SIGTERM-bayesbinn", "SIGTERM-ste"])
 def test_signal_stops_with_a_resume_line_and_the_resumed_run_ends_exactly(
         data, reference, tmp_path, signum, extra, epochs, after):
     expected = (reference if not extra else

@@ -49,3 +49,27 @@ def test_the_repository_sets_a_time_limit_for_every_test():
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         text = f.read()
     assert re.search(r"^timeout = \d+$", text, re.M) and 'timeout_method = "thread"' in text
+
+
+BROKEN_TORCHVISION = 'raise RuntimeError("operator torchvision::nms does not exist")\n'
+
+
+def test_a_torchvision_of_another_torch_is_one_line_for_main_and_for_the_suite(tmp_path):
+    """The failure pip leaves where torch's index cannot be reached: a torchvision built for
+    another torch fails on import. main.py (the demo included, which needs no torchvision)
+    and the test suite each say so in one line, naming both versions and what to install."""
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text(BROKEN_TORCHVISION)
+    env = dict(ENV, PYTHONPATH=str(tmp_path))
+    demo = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--demo", "--results_dir",
+                           str(tmp_path / "results")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 1 and demo.stdout == ""
+    line, = demo.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: torch \S+ and torchvision \S+ do not work together \(operator torchvision::nms does "
+                        r"not exist\): install a matching pair, e\.g\. pip install torch==\S+ torchvision==\S+ .*", line)
+    assert not (tmp_path / "results").exists()
+    suite = subprocess.run([sys.executable, *readme_test_command()[1:-1], "-p", "no:cacheprovider",
+                            os.path.join(REPO, "tests", "test_house.py")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert suite.returncode == 4, suite.stdout + suite.stderr
+    assert (suite.stdout + suite.stderr).strip().splitlines() == [f"Exit: {line}"]
