@@ -113,8 +113,9 @@ def read(path: str, map_location="cpu", purpose="resumed") -> Checkpoint:
 def from_file(obj: dict, path: str, purpose: str) -> Checkpoint:
     """A ``Checkpoint`` from the content of one of our files (``is_ours``)."""
     version = obj.get("version", 1)
-    if type(version) is not int:
-        raise CheckpointError(f"{path}: its format version {version!r} is not a number")
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: its format version {version!r} is not a version of this program's files "
+                              f"(a whole number from 1)")
     if version > VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this program (checkpoint format "
                               f"{version}; this one reads up to {VERSION})")
@@ -126,7 +127,7 @@ def from_file(obj: dict, path: str, purpose: str) -> Checkpoint:
     if "config" not in obj:
         raise CheckpointError(f"{path} is not a complete checkpoint of this program: it has no 'config'")
     obj = _migrated(dict(obj), version, path, purpose)
-    return _checked(obj, path)
+    return _checked(obj, path, version)
 
 
 def _migrated(obj, version, path, purpose):
@@ -167,7 +168,7 @@ _NEEDED = ("config", "run", "epoch", "model", "optimizer", "best_prec1", "best_e
            "log_offset")
 
 
-def _checked(obj, path) -> Checkpoint:
+def _checked(obj, path, version) -> Checkpoint:
     missing = [key for key in _NEEDED if key not in obj]
     if missing:
         raise CheckpointError(f"{path} is not a complete checkpoint of this program: it has no "
@@ -193,7 +194,7 @@ def _checked(obj, path) -> Checkpoint:
         raise bad(f"best epoch {obj['best_epoch']!r} is not a whole number from 0 to its epoch {epoch}")
     if not _is_number(obj["best_prec1"]) or not 0 <= obj["best_prec1"] <= 100:
         raise bad(f"best top-1 {obj['best_prec1']!r} is not a percentage")
-    if obj["history"] is not None:  # None: a format-1 file, whose rows are not read (it is only evaluated)
+    if obj["history"] is not None or version > 1:  # None only in a format-1 file (it is only evaluated)
         _check_history(obj["history"], epoch, bad)
     if not _is_int(obj["log_offset"]) or obj["log_offset"] < 0:
         raise bad(f"log offset {obj['log_offset']!r} is not a whole number of bytes")

@@ -55,7 +55,15 @@ def _setting(default, *flags, help, type=None, choices=None):
 class Config:
     model: str = _setting("resnet18", "--model", type=_model_name,
                           help=f"network: {', '.join(MODELS)} (also accepted: {', '.join(ALIASES)})")
-    dataset: str = _setting("cifar100", "--dataset", choices=sorted(DATASETS), help="dataset")
+    dataset: str = _setting("cifar100", "--dataset", choices=sorted(DATASETS),
+                            help="dataset: the paper's, or 'imagefolder', images of one's own in class folders "
+                                 "(--data-root DIR with DIR/train/<class>/ and DIR/val/<class>/)")
+    folder_image_size: int = _setting(None, "--image-size", type=_number(int, low=8),
+                                      help="--dataset imagefolder: every image is resized to this side and "
+                                           "centre-cropped (default 32; the paper's datasets have theirs)")
+    folder_classes: int = _setting(None, "--classes", type=_number(int, low=2),
+                                   help="--dataset imagefolder: its classes (default: its class folders, counted "
+                                        "when a run starts; the paper's datasets have theirs)")
     width: int = _setting(None, "--width", type=_number(int, low=1),
                           help="width of the first layer (None: the paper's network, 64 for the ResNets "
                                "and VGG16, 128 for VGG-Small, 96 for AlexNet; smaller for quick experiments)")
@@ -135,11 +143,19 @@ class Config:
         if self.width is None:  # the paper's width of the chosen network
             object.__setattr__(self, "width", network.width)
 
+
     def contradictions(self) -> list:
         """Settings that cannot go together, each said in a line: checked where a run's
         config is made (the command line of a new run, a fork, a checkpoint), before any
         data is read."""
         problems = []
+        dataset = DATASETS.get(self.dataset)
+        if dataset is not None and not dataset.own_images:
+            for name, option, own in (("folder_image_size", "--image-size", dataset.image_size),
+                                      ("folder_classes", "--classes", dataset.num_classes)):
+                if getattr(self, name) is not None:
+                    problems.append(f"{option} {getattr(self, name)}: {self.dataset} has {own}; {option} is for "
+                                    f"--dataset imagefolder")
         sizes = MODELS[canonical_name(self.model)].image_sizes
         if self.dataset in DATASETS and self.image_size not in sizes:
             problems.append(f"--model {self.model} takes images of {' or '.join(map(str, sizes))} pixels, and "
@@ -159,11 +175,14 @@ class Config:
 
     @property
     def num_classes(self):
-        return DATASETS[self.dataset].num_classes
+        """The dataset's classes (imagefolder: the run's count of its class folders; None before it)."""
+        own = DATASETS[self.dataset].own_images
+        return self.folder_classes if own else DATASETS[self.dataset].num_classes
 
     @property
     def image_size(self):
-        return DATASETS[self.dataset].image_size
+        own = DATASETS[self.dataset].own_images
+        return (self.folder_image_size or DATASETS[self.dataset].image_size) if own else DATASETS[self.dataset].image_size
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -57,11 +57,14 @@ def full_precision(logits):
 def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False, ranks=None) -> dict:
     """One pass over ``batches``. Each step takes one batch per virtual rank of ``ranks``
     (one without), in turn; the learning rate of step i is ``lr_at(first_iteration + i)``
-    (set before the step)."""
+    (set before the step). Returns the epoch's loss and accuracies (over the processes)
+    and ``step_losses``: this process's loss of every step (the mean over its virtual
+    ranks), read from the device once."""
     ranks = ranks or Ranks()
     device = _device(model)
     model.train()
     meter = Accumulator(device)
+    step_losses = []  # on the device: read once, at the end
     for i, step in enumerate(_groups(batches, len(ranks.generators))):
         lr = lr_at(first_iteration + i)
         for group in opt.param_groups:  # a group may run its own peak on the same schedule (lr_scale)
@@ -76,10 +79,13 @@ def train_one_epoch(model, opt, batches, lr_at, first_iteration=0, bf16=False, r
                 loss = F.cross_entropy(full_precision(logits), labels)
                 loss.backward()
             meter.add(loss, logits, labels)
+            step_losses.append(loss.detach().float())
         if ranks.average is not None:
             ranks.average(opt.collected_gradients())
         opt.step()
-    return meter.result(ranks.total)
+    result = meter.result(ranks.total)
+    per_step = torch.stack(step_losses).view(-1, len(ranks.generators)).mean(1) if step_losses else torch.zeros(0)
+    return dict(result, step_losses=per_step.cpu().tolist())
 
 
 def _groups(batches, n):

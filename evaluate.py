@@ -172,11 +172,12 @@ def ood_batches(request, cfg, device, world):
     if not isinstance(outside, InMemory) or not isinstance(inside, InMemory):
         raise UsageError(f"--ood compares datasets held in memory (CIFAR-10, CIFAR-100, Tiny-ImageNet), not "
                          f"{request.ood if not isinstance(outside, InMemory) else cfg.dataset}")
-    if outside.image_size != inside.image_size:
-        raise UsageError(f"--ood {request.ood} has images of {outside.image_size} pixels; {cfg.model} on {cfg.dataset} "
-                         f"takes {inside.image_size}")
+    size = cfg.image_size if outside.own_images else outside.image_size
+    if size != cfg.image_size:
+        raise UsageError(f"--ood {request.ood} has images of {size} pixels; {cfg.model} on {cfg.dataset} "
+                         f"takes {cfg.image_size}")
     root = request.ood_data_root or outside.default_root
-    images, labels = outside.read(root, "test")
+    images, labels = outside.read(root, "test", cfg.image_size)
     if len(labels) == 0:
         raise DatasetError(f"--ood {request.ood}: the test set in {root} has no images to tell apart")
     return inside.loader(images, torch.zeros_like(labels), cfg.eval_batch_size, False, device, [world.rank],

@@ -133,6 +133,14 @@ def batches(cfg: Config, folder: DataFolder, device, world):
         raise folder.explain(error) from None
 
 
+def classes_in(cfg: Config, folder: DataFolder) -> int:
+    """The classes of a dataset of one's own images: its class folders."""
+    try:
+        return len(DATASETS[cfg.dataset].class_names(folder.path))
+    except DatasetError as error:
+        raise folder.explain(error) from None
+
+
 def class_problem(cfg: Config, folder: DataFolder):
     """What is wrong with the classes of the dataset in ``folder`` (a class folder missing,
     so that every later label shifts), or None: a warning for a run of ours, a refusal
@@ -262,13 +270,17 @@ def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
     are refused, as for a checkpoint."""
     try:
         content = packed.checked(obj, path)
-        if content["dataset"] not in DATASETS or content["num_classes"] != DATASETS[content["dataset"]].num_classes:
+        dataset = DATASETS.get(content["dataset"])
+        if dataset is None or not (dataset.own_images or content["num_classes"] == dataset.num_classes):
             raise CheckpointError(f"{path} is a network of {content['num_classes']} classes for the dataset "
                                   f"{content['dataset']!r}, which this program does not know with that many classes")
         model = packed.network_of(content, device)
     except packed.PackedError as error:
         raise CheckpointError(str(error)) from None
-    saved = Config(model=content["model"], dataset=content["dataset"], width=content["width"])
+    own = DATASETS[content["dataset"]].own_images
+    saved = Config(model=content["model"], dataset=content["dataset"], width=content["width"],
+                   folder_classes=content["num_classes"] if own else None,
+                   folder_image_size=content["image_size"] if own else None)
     different = conflicts(cfg, saved, on_command_line, ("model", "dataset", "width"))
     if different:
         raise CheckpointError(f"{path} is another network than the one asked for: " + ", ".join(different))

@@ -313,6 +313,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, resumed and resumed.data_root)
+    if cfg.num_classes is None:  # images of one's own: their class folders, counted once; the run keeps the count
+        cfg = replace(cfg, folder_classes=factory.classes_in(cfg, folder))
     train_batches, test_batches = factory.batches(cfg, folder, device, world)
     recalibration = factory.recalibration_batches(cfg, folder, device, world) if cfg.recalibrate else None
     problem = factory.class_problem(cfg, folder)
@@ -415,7 +417,10 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                 if world.main:
                     run.write_metrics(record.history)
                     if events:
-                        tensorboard.write_row(run.tensorboard, record.history[-1], run.record)
+                        first = (epoch - 1) * steps
+                        tensorboard.write_row(run.tensorboard, record.history[-1], run.record,
+                                              [(first + i, lr_at(first + i), loss)
+                                               for i, loss in enumerate(trained["step_losses"])])
                     saver.submit([(state.to_file(), run.checkpoint)] +
                                  [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()
@@ -481,7 +486,7 @@ def deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches
     if world.main:
         run.write_metrics(record.history)
         if events:
-            tensorboard.write_row(run.tensorboard, row, run.record)
+            tensorboard.write_deployed(run.tensorboard, row, run.record)
 
 
 def best_of_source(run, resumed, path, run_id, cfg):

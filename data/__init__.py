@@ -28,6 +28,7 @@ import torch
 from utils import seeds
 
 from .cifar import read_cifar
+from .class_folders import class_names, read_class_folders
 from .device_loader import DeviceLoader, normalize, random_crop_flip, random_resized_crop_flip
 from .errors import DatasetError
 from .imagenet import MEAN as IMAGENET_MEAN
@@ -62,6 +63,7 @@ class Dataset:
     mean: tuple
     std: tuple
     default_root: str = "./datasets"  # where main.py reads it without --data-root (download_data.sh puts it there)
+    own_images: bool = False  # images of one's own: classes and image size come from the folder and the options
 
     def loaders(self, cfg, root, world, device):
         """(training batches, test batches) of this process: see the module's docstring."""
@@ -79,7 +81,9 @@ class Dataset:
     def recalibration_loader(self, cfg, root, world, device):
         """The training images on which the deployed network's BatchNorm statistics are
         recomputed (``optim.recalibrate``): ``cfg.recalibrate`` of them (all, if the set
-        has fewer), a random subset drawn from the run's seed, read as training reads them
+        has fewer; rounded down to a multiple of the ranks, and a last batch of a single
+        image left out, as training leaves it out), a random subset drawn from the run's
+        seed, read as training reads them
         (augmented, with draws of their own): the statistics are then those the network's
         BatchNorm layers normalised with in training, now for sign(M) itself, as
         ``update_bn`` computes them from a training loader (measured against the test
@@ -109,14 +113,15 @@ class InMemory(Dataset):
     reference_augment: Callable  # () -> the same as torchvision transforms of PIL images
     classes_check: Callable = None  # (root, expected) -> what is wrong with the classes found, or None
 
-    def read(self, root: str, split: str):
+    def read(self, root: str, split: str, size: int = None):
         """(images, labels) of the "train" or "test" split (Tiny-ImageNet's "test" is its
-        val/ folder); DatasetError if missing or unreadable."""
+        val/ folder); DatasetError if missing or unreadable. ``size``: the images' side,
+        for the datasets of one's own images (the others have theirs)."""
         return self.read_split(root, self.name, split)
 
     def loaders(self, cfg, root, world, device):
-        train_images, train_labels = self.read(root, "train")
-        test_images, test_labels = self.read(root, "test")
+        train_images, train_labels = self.read(root, "train", cfg.image_size)
+        test_images, test_labels = self.read(root, "test", cfg.image_size)
         if len(train_labels) < 2:
             raise DatasetError(f"the training set of {self.name} in {root} has {len(train_labels)} "
                                f"image{'s' if len(train_labels) != 1 else ''}: BatchNorm needs batches of at "
@@ -135,7 +140,7 @@ class InMemory(Dataset):
                                   world.size)
 
     def test_loader(self, cfg, root, world, device):
-        images, labels = self.read(root, "test")
+        images, labels = self.read(root, "test", cfg.image_size)
         self._check_test_set(labels, root)
         return self.loader(images, labels, cfg.eval_batch_size, False, device, [world.rank], world.size)
 
@@ -143,7 +148,7 @@ class InMemory(Dataset):
         return self.classes_check(root, self.num_classes) if self.classes_check else None
 
     def recalibration_loader(self, cfg, root, world, device):
-        images, labels = self.read(root, "train")
+        images, labels = self.read(root, "train", cfg.image_size)
         chosen, ranks = self._recalibration_subset(cfg, len(labels), world)
         images, labels = images[chosen], labels[chosen]
         mine = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
@@ -165,6 +170,32 @@ class InMemory(Dataset):
         """The same batches from the authors' pipeline (torchvision, PIL, workers), on the CPU."""
         return torchvision_loader(images, labels, batch_size, train, workers, self.mean, self.std,
                                   self.reference_augment() if train else [])
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnImages(InMemory):
+    """Images of one's own in class folders (``class_folders.py``), of any size, resized to
+    the run's ``--image-size``; the classes are the class folders of train/, counted when a
+    run starts (``class_names``); normalised with ImageNet's constants, which suit natural
+    images (BatchNorm adapts to the rest)."""
+
+    def read(self, root, split, size=None):
+        return read_class_folders(root, split, size or self.image_size)
+
+    def class_names(self, root):
+        return class_names(root)
+
+    def class_problem(self, root):
+        return None
+
+
+def _crop_flip_by_size(images, generator=None):
+    """Crop with a padding of an eighth of the side (4 pixels at 32, as CIFAR's), and flip."""
+    return random_crop_flip(images, padding=max(1, images.shape[-1] // 8), generator=generator)
+
+
+def _own_images_reference_augment():
+    raise DatasetError("--loader torchvision serves the paper's datasets: imagefolder uses the device loader")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,4 +308,9 @@ DATASETS = {
     # augmentation of their DALI pipelines, by torchvision workers or by DALI.
     "imagenet": ImageFolders(name="imagenet", num_classes=1000, image_size=224, mean=IMAGENET_MEAN,
                              std=IMAGENET_STD, default_root="./datasets/imagenet"),
+    # Images of one's own: DIR/train/<class>/, DIR/val/<class>/ (--data-root DIR).
+    "imagefolder": OwnImages(name="imagefolder", num_classes=None, image_size=32, mean=IMAGENET_MEAN,
+                             std=IMAGENET_STD, read_split=None, augment=_crop_flip_by_size,
+                             reference_augment=_own_images_reference_augment, default_root="./datasets/imagefolder",
+                             own_images=True),
 }

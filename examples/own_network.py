@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vispa import VISPA, BinaryConv2d, BinaryLinear, mark_binary
+from vispa import VISPA, BinaryConv2d, BinaryLinear, mark_binary, recalibrate
 
 
 class SignedMixer(nn.Module):
@@ -83,9 +83,17 @@ def main():
             with opt.sampled_params():                 # a fresh sample for every pass
                 logits = logits + model(test_x) / L
         mean_logits = model(test_x)                    # outside the contexts: the network sign(M)
+
+    # The network to deploy is sign(M) alone. Its BatchNorm statistics were gathered in
+    # training on sampled networks; recalibrate recomputes them for sign(M) itself, in one
+    # pass over training images (as torch.optim.swa_utils.update_bn does).
+    recalibrate(model, opt, train_x[:2048].split(128))
+    with torch.no_grad():
+        deployed_logits = model(test_x)
     accuracy = lambda out: 100.0 * (out.argmax(1) == test_y).float().mean().item()
     print(f"test accuracy: {accuracy(logits):.1f}% with L={L} sampled networks, "
-          f"{accuracy(mean_logits):.1f}% for the mean network sign(M) (chance: 25%)")
+          f"{accuracy(mean_logits):.1f}% for the mean network sign(M), "
+          f"{accuracy(deployed_logits):.1f}% for it with BatchNorm statistics of its own (chance: 25%)")
 
     # Outside the contexts the binary layers hold sign(M): this state_dict is the
     # deterministic binary network to deploy. opt.state_dict() holds the distribution.

@@ -395,6 +395,17 @@ class BinaryWeightOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
+def refuse_signs(p, what):
+    """ValueError when the binary weight ``p`` already holds signs: its value would not be
+    the initial ``what`` (its layer is managed by another optimizer, or was filled from a
+    state_dict)."""
+    if p.numel() and torch.isin(p, p.new_tensor([-1.0, 0.0, 1.0])).all():
+        raise ValueError(
+            f"a binary weight of shape {tuple(p.shape)} already holds signs, so it cannot be the initial {what}: "
+            f"its layer is managed by another optimizer, or was filled from a state_dict. Build the optimizer on "
+            f"a freshly constructed network, then load a saved state with opt.load_state_dict")
+
+
 def _global_seed():
     """A seed drawn from torch's global generator, so that ``torch.manual_seed`` decides it."""
     return int(torch.randint(0, 2**62, (1,)).item())

@@ -29,7 +29,7 @@ parameters have "momentum_buffer", as in torch.optim.SGD.
 import torch
 from torch.optim.adam import adam as adam_update
 
-from .binary_optimizer import BinaryWeightOptimizer, check_number
+from .binary_optimizer import BinaryWeightOptimizer, check_number, refuse_signs
 
 
 class STE(BinaryWeightOptimizer):
@@ -66,12 +66,7 @@ class STE(BinaryWeightOptimizer):
         check_number("eps", group.get("eps"), low=0)
 
     def _init_state(self, p, group):
-        if p.numel() and torch.isin(p, p.new_tensor([-1.0, 0.0, 1.0])).all():
-            raise ValueError(
-                f"a binary weight of shape {tuple(p.shape)} already holds signs, so it cannot be the "
-                f"initial latent weight: its layer is managed by another optimizer, or was filled from "
-                f"a state_dict. Build the optimizer on a freshly constructed network, then load a saved "
-                f"state with opt.load_state_dict")
+        refuse_signs(p, "latent weight")
         latent = p.detach().clone(memory_format=torch.contiguous_format)
         self.state[p].update(latent=latent, exp_avg=torch.zeros_like(latent),
                              exp_avg_sq=torch.zeros_like(latent), step=torch.tensor(0.0))

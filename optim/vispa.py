@@ -64,7 +64,7 @@ import numbers
 
 import torch
 
-from .binary_optimizer import BinaryWeightOptimizer, check_number
+from .binary_optimizer import BinaryWeightOptimizer, check_number, refuse_signs
 
 
 class VISPA(BinaryWeightOptimizer):
@@ -120,12 +120,7 @@ class VISPA(BinaryWeightOptimizer):
                 f"a binary weight of shape {tuple(p.shape)} is all zeros: its value is the initial mean M, "
                 f"whose sign is the network, and sign(0) is 0. Initialise it (the binary layers start "
                 f"Xavier-normal) before building the optimizer")
-        if p.numel() and torch.isin(p, p.new_tensor([-1.0, 0.0, 1.0])).all():
-            raise ValueError(
-                f"a binary weight of shape {tuple(p.shape)} already holds signs, so it cannot be "
-                f"the initial mean M: its layer is managed by another VISPA, or was filled from a "
-                f"state_dict. Build the optimizer on a freshly constructed network, then load a "
-                f"saved distribution with opt.load_state_dict")
+        refuse_signs(p, "mean M")
         M = p.detach().clone(memory_format=torch.contiguous_format)
         Z = torch.zeros((K,) + tuple(p.shape), dtype=p.dtype, device=p.device)
         if K > 0:

@@ -3,6 +3,7 @@ does, watching a running process, and comparing what runs leave behind (logs,
 metrics.csv, checkpoints, whole folders)."""
 import csv
 import hashlib
+import io
 import os
 import re
 import runpy
@@ -322,6 +323,29 @@ def rewrite_as_the_run(content, path):
     record = Manifest.read(os.path.dirname(str(path)))
     if record is not None:
         record.adopt(str(path))
+
+
+def restore_through_a_file(model, opt, into_model, into_opt):
+    """Give ``into_model`` and ``into_opt`` the state of ``model`` and ``opt`` as a resumed
+    run gets it: through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    into_model.load_state_dict(saved["model"])
+    into_opt.load_state_dict(saved["opt"])
+
+
+def resumable_copy(one_epoch, tmp_path, epochs=2):
+    """A copy of the run "run" of the results folder ``one_epoch`` (every file elsewhere on
+    disk), its checkpoint set to go on to ``epochs``: (results folder, RunDir)."""
+    import shutil
+    results = tmp_path / "results"
+    shutil.copytree(one_epoch, results)
+    run = RunDir(str(results), "run")
+    state = load_checkpoint(run.checkpoint)
+    rewrite_as_the_run(dict(state, config=dict(state["config"], epochs=epochs)), run.checkpoint)
+    return results, run
 
 
 def tensors_of(obj, prefix=""):

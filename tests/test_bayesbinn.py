@@ -16,7 +16,6 @@ momentum 0.2, eps 1e-5, affine=False) and ReLU between them: the running statist
 eps 1e-5 (not with hardtanh, tanh, sign or eps 1e-4), the settings of the authors'
 CIFAR networks.
 """
-import io
 import os
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import restore_through_a_file
 from models import BinaryConv2d, BinaryLinear, is_binary
 from models.binary import mark_binary
 from optim.bayesbinn import BayesBiNN
@@ -321,13 +321,8 @@ def test_a_resumed_run_continues_bit_for_bit():
 
     resumed_model, resumed = small(seed=5)
     train_steps(resumed_model, resumed, 0, k)
-    buffer = io.BytesIO()
-    torch.save({"model": resumed_model.state_dict(), "opt": resumed.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
     fresh_model, fresh = small(seed=77)  # other initial values, another generator
-    fresh_model.load_state_dict(saved["model"])
-    fresh.load_state_dict(saved["opt"])
+    restore_through_a_file(resumed_model, resumed, fresh_model, fresh)
     train_steps(fresh_model, fresh, k, N - k)
 
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh_model.state_dict().items()):

@@ -225,8 +225,12 @@ def test_tensorboard_holds_every_column_of_metrics(cifar10_root, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb" / "tb"))
     events.Reload()
     rows = metrics_without_seconds(tmp_path / "tb" / "metrics.csv")
-    assert set(events.Tags()["scalars"]) == {scalar_name(key) for key in set(rows[0]) - {"epoch"} | {"seconds"}}
-    assert {"val/prec1", "mean_net/ece", "train/loss", "lr"} <= set(events.Tags()["scalars"])
+    assert set(events.Tags()["scalars"]) == {scalar_name(key) for key in set(rows[0]) - {"epoch"} | {"seconds"}} | \
+        {"step/lr", "step/loss"}
+    assert {"val/prec1", "mean_net/ece", "train/loss", "lr", "deployed/prec1"} <= set(events.Tags()["scalars"])
+    steps = [e.step for e in events.Scalars("step/loss")]
+    assert steps == list(range(len(steps))) and len(steps) == 2 * 5  # every step of the 2 epochs (5 each)
+    assert [e.step for e in events.Scalars("step/lr")] == steps
     for key in ("val_prec1", "val_ece", "mean_brier", "lr"):
         logged = [(e.step, e.value) for e in events.Scalars(scalar_name(key))]
         assert [step for step, _ in logged] == [1, 2]

@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 from data.synthetic import write_image_folders, write_tiny_imagenet
-from helpers import (ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text,
+from helpers import (resumable_copy, ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text,
                      rewrite_as_the_run, run_main, run_script, start_main, temporary_files, train_tiny)
 from models import build_model, is_binary, packed, released
 from utils import files
@@ -42,22 +42,8 @@ def refused_by_the_command_line(command, *fragments, watched):
     return last
 
 
-@pytest.fixture(scope="module")
-def one_epoch(cifar10_root, tmp_path_factory):
-    """A results folder holding the run "run" after its first of one epoch."""
-    results = tmp_path_factory.mktemp("one-epoch")
-    train_tiny(cifar10_root, results, "run", epochs=1)
-    return results
-
-
 def resumable(one_epoch, tmp_path, epochs=2):
-    """A copy of the run in a results folder of the test's own, with ``epochs`` to go to."""
-    results = tmp_path / "results"
-    shutil.copytree(one_epoch, results)
-    run = RunDir(str(results), "run")
-    state = load_checkpoint(run.checkpoint)
-    rewrite_as_the_run(dict(state, config=dict(state["config"], epochs=epochs)), run.checkpoint)
-    return results, run
+    return resumable_copy(one_epoch, tmp_path, epochs)
 
 
 # ---- 1, 2, 3, 7: what a run folder is, and who wrote each file in it ---------------------------------

@@ -1,60 +1,94 @@
 """The house plan, checked on the source: which part may import which, read from the
-import statements of every module (the floors go up, never down), and what main.py takes
-from training.py."""
+import statements of every module (the floors go up, never down), what main.py takes
+from training.py, and what the installed library takes of utils/. docs/architecture.md
+states the same table in words: it is read here and must agree."""
 import ast
+import functools
 import os
+import re
 
 from helpers import REPO
 
-# What each part of the program may import of the repository's own parts. The library's
-# parts (optim, models, utils) import nothing above them; models read files with utils.
+# What each part of the program may import of the repository's own parts (its own modules
+# aside). The library's parts (optim, models, utils) import nothing above them; models read
+# and write files with utils. docs/architecture.md gives the reason of every "never".
 ALLOWED = {
     "optim": set(),
-    "utils": {"utils"},
-    "models": {"models", "utils"},
-    "data": {"data", "utils"},
+    "utils": set(),
+    "models": {"utils"},
+    "data": {"utils"},
     "config": {"data", "models"},
     "engine": {"optim", "utils"},
     "checkpoint": {"config", "optim", "utils"},
     "factory": {"checkpoint", "config", "data", "models", "optim", "utils"},
     "training": {"checkpoint", "config", "data", "engine", "factory", "optim", "utils"},
-    "run_seeds": {"checkpoint", "config", "data", "utils"},
     "evaluate": {"config", "data", "engine", "factory", "models", "optim", "utils"},
     "main": {"config", "data", "evaluate", "training", "utils"},
+    "run_seeds": {"checkpoint", "config", "data", "utils"},
+    "src/vispa": {"models", "optim", "utils"},
+    "examples": {"src/vispa"},
+    "experiments": {"config", "data", "engine", "factory", "utils"},
+    "speed": {"config", "data", "engine", "factory", "models", "optim", "utils"},
 }
 OURS = set(ALLOWED)
+# The name a part is imported by, where it is not the part's own: the installed library's face.
+IMPORTED_AS = {"vispa": "src/vispa"}
+# What is not a part of the program: the tests, and the folders of data and outputs.
+NOT_PARTS = {"tests", "results", "datasets", "pretrained", "build"}
+LIBRARY = ("optim", "models", "src/vispa")  # what `pip install .` ships, with utils/files.py alone
 
 
+def sources(part):
+    """The Python files of ``part``: a module (``main.py``) or a folder (``data/``, ``src/vispa/``)."""
+    path = os.path.join(REPO, part)
+    if os.path.isfile(path + ".py"):
+        return [path + ".py"]
+    return sorted(os.path.join(where, name) for where, folders, names in os.walk(path)
+                  for name in names if name.endswith(".py") and "__pycache__" not in where)
+
+
+def _imported_part(name, level, part, file):
+    """The part that the module ``name`` (its first component; None for ``from . import``)
+    imported by ``file`` of ``part`` belongs to: the part itself for its own modules."""
+    folder = os.path.dirname(file)
+    own = name is None or (os.path.isdir(os.path.join(REPO, part)) and
+                           (os.path.isfile(os.path.join(folder, name + ".py")) or
+                            os.path.isdir(os.path.join(folder, name))))
+    if level == 1 and own or level == 0 and own and name is not None:
+        return part
+    return IMPORTED_AS.get(name, name)
+
+
+@functools.cache
 def modules():
-    """{part: [(file, imported part, names)]} for every module of the program."""
+    """{part: [(file, imported part, module, names)]} for every module of the program: the
+    module as written (``utils.files``), the names taken from it (None for ``import x``)."""
     found = {}
     for part in ALLOWED:
-        path = os.path.join(REPO, part)
-        files = [path + ".py"] if os.path.isfile(path + ".py") else [
-            os.path.join(path, name) for name in sorted(os.listdir(path)) if name.endswith(".py")]
-        for file in files:
-            tree = ast.parse(open(file).read(), file)
+        for file in sources(part):
+            with open(file) as f:
+                tree = ast.parse(f.read(), file)
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):
                     for alias in node.names:
-                        found.setdefault(part, []).append((file, alias.name.split(".")[0], None))
+                        top = alias.name.split(".")[0]
+                        found.setdefault(part, []).append((file, _imported_part(top, 0, part, file), alias.name, None))
                 elif isinstance(node, ast.ImportFrom):
-                    top = part if node.level == 1 else (node.module or "").split(".")[0]
-                    if node.level > 1:  # the library's way from models/ up to utils/ (installed as vispa)
-                        top = (node.module or "").split(".")[0]
-                    found.setdefault(part, []).append((file, top, [a.name for a in node.names]))
+                    top = node.module.split(".")[0] if node.module else None
+                    found.setdefault(part, []).append((file, _imported_part(top, node.level, part, file),
+                                                       node.module, [a.name for a in node.names]))
     return found
 
 
 def test_every_part_imports_only_the_parts_below_it():
     wrong = [f"{os.path.relpath(file, REPO)} imports {imported}" for part, imports in modules().items()
-             for file, imported, _ in imports if imported in OURS and imported != part
+             for file, imported, _, _ in imports if imported in OURS and imported != part
              and imported not in ALLOWED[part]]
     assert not wrong, wrong
 
 
 def test_the_parts_import_each_other_without_a_cycle():
-    graph = {part: {imported for _, imported, _ in imports if imported in OURS and imported != part}
+    graph = {part: {imported for _, imported, _, _ in imports if imported in OURS and imported != part}
              for part, imports in modules().items()}
     done, path = set(), []
 
@@ -74,6 +108,50 @@ def test_the_parts_import_each_other_without_a_cycle():
 
 def test_nothing_imports_main_and_main_takes_only_the_runs_entry_from_training():
     found = modules()
-    assert not [file for imports in found.values() for file, imported, _ in imports if imported == "main"]
-    taken = {name for file, imported, names in found["main"] if imported == "training" for name in names or ()}
+    assert not [os.path.relpath(file, REPO) for imports in found.values() for file, imported, _, _ in imports
+                if imported == "main"]
+    taken = {name for file, imported, _, names in found["main"] if imported == "training" for name in names or ()}
     assert taken <= {"train", "Request", "NEW", "RESUME", "REWIND", "FORK"}, taken
+
+
+def test_the_library_takes_of_utils_only_files_py():
+    """`pip install .` ships utils/files.py alone beside optim/ and models/ (pyproject.toml)."""
+    found = modules()
+    wrong = [f"{os.path.relpath(file, REPO)}: {module} {names or ''}" for part in LIBRARY
+             for file, imported, module, names in found[part] if imported == "utils"
+             and not (module.endswith("utils.files") or (module.endswith("utils") and names == ["files"]))]
+    assert not wrong, wrong
+
+
+def test_every_module_of_the_repository_belongs_to_a_part():
+    parts = set()
+    for name in os.listdir(REPO):
+        path = os.path.join(REPO, name)
+        if name.startswith(".") or name in NOT_PARTS or name.endswith(".egg-info"):
+            continue
+        if name.endswith(".py") and os.path.isfile(path):
+            parts.add(name[:-3])
+        elif os.path.isdir(path) and name != "src" and any(n.endswith(".py") for _, _, ns in os.walk(path) for n in ns):
+            parts.add(name)
+    source = os.path.join(REPO, "src")
+    parts |= {f"src/{name}" for name in os.listdir(source) if os.path.isdir(os.path.join(source, name))
+              and name != "__pycache__" and not name.endswith(".egg-info")}
+    assert parts == OURS, (sorted(parts - OURS), sorted(OURS - parts))
+
+
+# ---- the same table in words ------------------------------------------------------------------------
+
+ROW = re.compile(r"^\| `(?P<part>[^`]+)` \| (?P<allowed>[^|]*) \|")
+
+
+def documented():
+    """{part: the parts it may import} from the table of docs/architecture.md."""
+    with open(os.path.join(REPO, "docs", "architecture.md")) as f:
+        text = f.read()
+    table = text[text.index("<!-- house plan -->"):text.index("<!-- end of the house plan -->")]
+    return {m["part"].rstrip("/"): set(re.findall(r"`([^`]+)`", m["allowed"]))
+            for m in map(ROW.match, table.splitlines()) if m}
+
+
+def test_the_house_plan_in_the_docs_is_this_table():
+    assert documented() == ALLOWED

@@ -14,11 +14,12 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from data import DatasetError
+from config import Config
+from data import DATASETS, DatasetError
 from data.imagenet import (CROP_SIZE, MEAN, STD, check_imagenet, crop_window, shard_bounds, steps_per_epoch,
                            train_params, train_shard, train_transform, val_size, val_transform)
-from data.imagenet_loaders import imagenet_batches
 from data.synthetic import write_image_folders
+from utils.distributed import World
 
 CLASSES, PER_CLASS, SIZE = 3, (5, 3), (60, 80)   # 15 training and 9 validation images
 
@@ -28,15 +29,12 @@ def root(tmp_path_factory):
     return write_image_folders(str(tmp_path_factory.mktemp("imagenet")), CLASSES, PER_CLASS, SIZE)
 
 
-def imagenet_loaders(root, batch_size, workers, device, rank=0, world=1, seed=0, backend="torchvision",
-                     dali_device="cpu"):
-    """(training batches, validation batches, steps per epoch) of ``rank`` of ``world``."""
-    folders = check_imagenet(root)
-    make = lambda samples, train: imagenet_batches(samples, train, batch_size, device, shard=rank,  # noqa: E731
-                                                   shards=world, workers=workers, backend=backend,
-                                                   decoder=dali_device, seed=seed)
-    return (make(folders.train, True), make(folders.val, False),
-            steps_per_epoch(len(folders.train), batch_size, world))
+def loaders(root, batch_size, workers=0, rank=0, world=1, seed=0, loader="torchvision"):
+    """(training batches, validation batches) of ``rank`` of ``world``, as a run gets them:
+    ``batch_size`` images per rank and step, and per validation batch."""
+    cfg = Config(model="resnet18_imagenet", dataset="imagenet", batch_size=batch_size, eval_batch_size=batch_size,
+                 workers=workers, seed=seed, loader=loader)
+    return DATASETS["imagenet"].loaders(cfg, root, World(rank=rank, size=world), torch.device("cpu"))
 
 
 def labels_of(batches):
@@ -110,7 +108,7 @@ def test_layout_errors_are_one_line_with_counts_and_the_layout(tmp_path, damage,
     assert f"Expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG" in message
     assert "image-net.org" in message
     with pytest.raises(DatasetError):  # the loaders check the same way
-        imagenet_loaders(root, 4, 0, "cpu")
+        loaders(root, 4)
 
 
 # ---- the augmentation -----------------------------------------------------------------------------
@@ -212,24 +210,23 @@ def test_training_shards_of_two_ranks_are_disjoint_and_cover_the_set(n):
 
 def test_training_batches_of_two_ranks_each_epoch(root):
     folders = check_imagenet(root)
-    loaders = [imagenet_loaders(root, 4, 0, "cpu", rank=r, world=2, seed=5) for r in (0, 1)]
-    assert [steps for _, _, steps in loaders] == [2, 2]
+    trains = [loaders(root, 4, rank=r, world=2, seed=5)[0] for r in (0, 1)]
+    assert [len(train) for train in trains] == [2, 2]
     for epoch in range(2):
         seen = []
-        for rank, (train, _, steps) in enumerate(loaders):
-            assert len(train) == steps
+        for train in trains:
             keys = [i for i, _ in train.keys(epoch)]
             batches = list(train)
-            assert len(batches) == steps and [len(y) for _, y in batches] == [4, 4]
+            assert len(batches) == 2 and [len(y) for _, y in batches] == [4, 4]
             assert labels_of(batches) == [folders.train[i][1] for i in keys]
             seen += keys
         assert set(seen) == set(range(15)) and len(seen) == 16
-    assert loaders[0][0].epoch == 2
+    assert trains[0].epoch == 2
 
 
 def test_a_last_batch_of_one_image_is_left_out(root):
-    train, _, steps = imagenet_loaders(root, 7, 0, "cpu", rank=1, world=2)   # 8 per rank
-    assert steps == len(train) == 1
+    train, _ = loaders(root, 7, rank=1, world=2)   # 8 per rank
+    assert len(train) == 1
     assert [len(y) for _, y in train] == [7]
 
 
@@ -238,7 +235,7 @@ def test_every_validation_image_is_evaluated_exactly_once(root, world):
     folders = check_imagenet(root)
     labels, counts = [], []
     for rank in range(world):
-        _, val, _ = imagenet_loaders(root, 2, 0, "cpu", rank=rank, world=world)
+        _, val = loaders(root, 2, rank=rank, world=world)
         batches = list(val)
         assert len(batches) == len(val)
         counts.append(sum(len(y) for _, y in batches))
@@ -250,7 +247,7 @@ def test_every_validation_image_is_evaluated_exactly_once(root, world):
 def test_augmentation_does_not_depend_on_the_number_of_workers(root):
     runs = []
     for workers in (0, 2):
-        train, _, _ = imagenet_loaders(root, 4, workers, "cpu", rank=1, world=2, seed=7)
+        train, _ = loaders(root, 4, workers, rank=1, world=2, seed=7)
         runs.append([(x.clone(), y.clone()) for x, y in train])
     for (x0, y0), (x2, y2) in zip(*runs):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
@@ -259,7 +256,7 @@ def test_augmentation_does_not_depend_on_the_number_of_workers(root):
 # ---- the batches ---------------------------------------------------------------------------------
 
 def test_batches_are_normalised_float_images_and_int64_labels(root):
-    train, val, _ = imagenet_loaders(root, 4, 0, "cpu")
+    train, val = loaders(root, 4)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for images, labels in list(train) + list(val):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
@@ -273,7 +270,7 @@ def test_normalisation_of_known_colours(tmp_path):
     colours = {0: (200, 100, 30), 1: (10, 128, 250)}
     for (path, label) in check_imagenet(root).val:
         Image.new("RGB", (40, 30), colours[label]).save(path, "JPEG", quality=95)
-    _, val, _ = imagenet_loaders(root, 2, 0, "cpu")
+    _, val = loaders(root, 2)
     (images, labels), = list(val)
     for image, label in zip(images, labels.tolist()):
         path = check_imagenet(root).val[label][0]
@@ -289,7 +286,7 @@ def test_without_dali_the_dali_path_says_how_to_install_it(root, monkeypatch):
     for name in ("nvidia.dali", "nvidia.dali.plugin.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)   # import fails as if not installed
     with pytest.raises(DatasetError) as error:
-        imagenet_loaders(root, 4, 0, "cpu", backend="dali")
+        loaders(root, 4, loader="dali-cpu")
     message = str(error.value)
     assert "\n" not in message
     assert "pip install nvidia-dali-cuda130" in message and "torchvision" in message
@@ -297,7 +294,7 @@ def test_without_dali_the_dali_path_says_how_to_install_it(root, monkeypatch):
 
 def test_dali_decoding_on_the_gpu_needs_a_cuda_device(root):
     with pytest.raises(DatasetError, match=r"needs a CUDA device, not cpu") as error:
-        imagenet_loaders(root, 4, 0, "cpu", backend="dali", dali_device="gpu")
+        loaders(root, 4, loader="dali-gpu")
     assert "\n" not in str(error.value)
 
 
@@ -305,13 +302,13 @@ def test_dali_training_batches(root):
     pytest.importorskip("nvidia.dali")
     folders = check_imagenet(root)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    loaders = [imagenet_loaders(root, 4, 1, "cpu", rank=r, world=2, backend="dali") for r in (0, 1)]
+    trains = [loaders(root, 4, 1, rank=r, world=2, loader="dali-cpu")[0] for r in (0, 1)]
     for epoch in range(2):
         labels = []
-        for train, _, steps in loaders:
-            assert steps == len(train) == 2
+        for train in trains:
+            assert len(train) == 2
             batches = list(train)
-            assert len(batches) == steps
+            assert len(batches) == 2
             for images, y in batches:
                 assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
                 assert y.dtype == torch.int64
@@ -326,8 +323,8 @@ def test_dali_validation_is_the_torchvision_validation(root):
     pytest.importorskip("nvidia.dali")
     dali, ours = [], []
     for rank in (0, 1):
-        dali += list(imagenet_loaders(root, 2, 1, "cpu", rank=rank, world=2, backend="dali")[1])
-        ours += list(imagenet_loaders(root, 2, 0, "cpu", rank=rank, world=2)[1])
+        dali += list(loaders(root, 2, 1, rank=rank, world=2, loader="dali-cpu")[1])
+        ours += list(loaders(root, 2, rank=rank, world=2)[1])
     assert labels_of(dali) == labels_of(ours) == [y for _, y in check_imagenet(root).val]
     a, b = torch.cat([x for x, _ in dali]), torch.cat([x for x, _ in ours])
     assert a.shape == b.shape == (9, 3, 224, 224)
@@ -336,12 +333,12 @@ def test_dali_validation_is_the_torchvision_validation(root):
     assert (distance.argmin(dim=1) == torch.arange(9)).all()
 
 
-@pytest.mark.parametrize("backend,workers", [("torchvision", 2), ("dali", 1)])
-def test_an_epoch_ended_early_is_followed_by_a_whole_one(root, backend, workers):
-    if backend == "dali":
+@pytest.mark.parametrize("loader,workers", [("torchvision", 2), ("dali-cpu", 1)])
+def test_an_epoch_ended_early_is_followed_by_a_whole_one(root, loader, workers):
+    if loader.startswith("dali"):
         pytest.importorskip("nvidia.dali")
-    train, val, steps = imagenet_loaders(root, 2, workers, "cpu", backend=backend)   # 15 images
-    assert steps == 7 and len(train) == 7
+    train, val = loaders(root, 2, workers, loader=loader)   # 15 images
+    assert len(train) == 7
     for _ in range(2):
         for _ in train:
             break
@@ -350,6 +347,6 @@ def test_an_epoch_ended_early_is_followed_by_a_whole_one(root, backend, workers)
     for _ in val:
         break
     assert labels_of(val) == [y for _, y in check_imagenet(root).val]
-    if backend == "torchvision":
+    if loader == "torchvision":
         assert train.epoch == 4
         assert labels_of(batches) == [check_imagenet(root).train[i][1] for i, _ in train.keys(3)]

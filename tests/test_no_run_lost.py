@@ -263,7 +263,7 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(finished, cifar10_root, tmp_
 
 @pytest.mark.parametrize("content, message", [
     ({"format": "vispa-checkpoint"}, "is not a complete checkpoint of this program: it has no 'config'"),
-    ({"format": "vispa-checkpoint", "version": "2"}, "its format version '2' is not a number"),
+    ({"format": "vispa-checkpoint", "version": "2"}, "its format version '2' is not a version of this program's files"),
 ], ids=["format only", "version a string"])
 def test_a_checkpoint_missing_its_parts_is_refused_with_what_it_lacks(cifar10_root, tmp_path, content, message):
     path = tmp_path / "bare.pth"

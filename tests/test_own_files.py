@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from helpers import (ENV, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint, metrics_without_seconds,
-                     read_text, rewrite_as_the_run, run_main, train_tiny)
+from helpers import (resumable_copy, ENV, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint, metrics_without_seconds,
+                     read_text, rewrite_as_the_run, run_main)
 from utils.manifest import NAME as RECORD
 from utils.run_dir import BEST, CHECKPOINT, RunDir
 
@@ -33,22 +33,8 @@ def new_run(data, results, save, *extra, epochs=1):
     return [*TINY, "--epochs", epochs, "--data_root", data, "--results_dir", results, "--save", save, *extra]
 
 
-@pytest.fixture(scope="module")
-def one_epoch(cifar10_root, tmp_path_factory):
-    """A results folder holding the run "run" after its first of one epoch."""
-    results = tmp_path_factory.mktemp("one-epoch")
-    train_tiny(cifar10_root, results, "run", epochs=1)
-    return results
-
-
 def resumable(one_epoch, tmp_path, epochs=2):
-    """A copy of the run (a copy: every file elsewhere on disk), with ``epochs`` to go to."""
-    results = tmp_path / "results"
-    shutil.copytree(one_epoch, results)
-    run = RunDir(str(results), "run")
-    state = load_checkpoint(run.checkpoint)
-    rewrite_as_the_run(dict(state, config=dict(state["config"], epochs=epochs)), run.checkpoint)
-    return results, run
+    return resumable_copy(one_epoch, tmp_path, epochs)
 
 
 # ---- 1, 3, 8: a file is the run's because the run recorded it, not because of what it holds --------------

@@ -2,13 +2,13 @@
 clipped to [-1, 1] after each step) against a hand-written float64 loop with
 torch.optim.Adam and torch.optim.SGD, on tiny networks with fresh random inputs; and its
 protocol."""
-import io
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import restore_through_a_file
 from models import BinaryConv2d, BinaryLinear, is_binary
 from optim.ste import STE
 
@@ -155,13 +155,8 @@ def test_a_resumed_run_continues_bit_for_bit():
 
     resumed_model, resumed = small(seed=4)
     train_steps(resumed_model, resumed, 0, k)
-    buffer = io.BytesIO()
-    torch.save({"model": resumed_model.state_dict(), "opt": resumed.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
     fresh_model, fresh = small(seed=55)
-    fresh_model.load_state_dict(saved["model"])
-    fresh.load_state_dict(saved["opt"])
+    restore_through_a_file(resumed_model, resumed, fresh_model, fresh)
     train_steps(fresh_model, fresh, k, N - k)
 
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh_model.state_dict().items()):

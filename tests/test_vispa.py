@@ -1,6 +1,5 @@
 """The VISPA optimizer against an independent float64 derivation (numpy), on small
 tensors with fresh random values."""
-import io
 import math
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import restore_through_a_file
 from models import BinaryConv2d, BinaryLinear, is_binary
 from optim import VISPA
 
@@ -292,14 +292,8 @@ def test_state_dict_round_trip_restores_the_distribution_and_the_future():
         with opt.sampled_params(train=True):
             model(x).sum().backward()
         opt.step()
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-
     other_model, other = tiny(seed=99)
-    other_model.load_state_dict(saved["model"])
-    other.load_state_dict(saved["opt"])
+    restore_through_a_file(model, opt, other_model, other)
     for p, q in zip(model.parameters(), other_model.parameters()):
         for key, value in opt.state[p].items():
             assert torch.equal(value, other.state[q][key]), key

@@ -19,9 +19,7 @@ Inside the clone the training program imports those folders as ``optim``, ``mode
 is ever loaded twice in a process that keeps to one of the two names.
 """
 from .models import BinaryConv2d, BinaryLinear, build_model, is_binary, load_packed, mark_binary, sign_activation
-from .optim import VISPA, learning_rate, recalibrate
-from .optim.bayesbinn import BayesBiNN
-from .optim.ste import STE
+from .optim import STE, VISPA, BayesBiNN, learning_rate, recalibrate
 
 __all__ = ["VISPA", "BayesBiNN", "STE", "BinaryConv2d", "BinaryLinear", "mark_binary", "is_binary",
            "sign_activation", "load_packed", "build_model", "learning_rate", "recalibrate"]

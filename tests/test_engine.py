@@ -1,5 +1,7 @@
-"""The evaluation protocol: L networks per batch, each with fresh draws, logits averaged;
-and the mean network sign(M)."""
+"""engine.py's evaluations, in process: ``engine.evaluate``, the released code's protocol
+(L networks per batch, each with fresh draws, their logits averaged), and
+``engine.evaluate_mean``, the mean network sign(M). (``evaluate.py``, the --evaluate
+command around them, is tested through main.py.)"""
 import copy
 
 import pytest
