@@ -8,6 +8,7 @@ one rule. Each test reproduces an attack and hashes every file that is not the
 program's to change before and after."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,31 @@ def test_a_plot_never_writes_through_a_link_or_over_a_users_image(one_epoch, tmp
     for extra in ([], ["--overwrite"]):  # its own plot it replaces, when asked to
         result = plot(run, "--out", out, *extra)
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("extension", [".png", ".pdf", ".svg"])
+def test_a_plot_is_ours_only_as_drawn_not_by_a_word_it_contains(one_epoch, tmp_path, extension):
+    """A plot's metadata carries the digest of the image itself: a file that merely
+    contains the words of the mark, or a plot of ours changed since, is never replaced."""
+    pytest.importorskip("matplotlib")
+    run, out = one_epoch / "run", tmp_path / f"curves{extension}"
+    assert plot(run, "--out", out).returncode == 0
+    drawn = out.read_bytes()
+    if extension == ".png":  # still an image every reader opens: the seal's chunk has its CRC
+        from PIL import Image
+        with Image.open(out) as image:
+            image.load()
+            assert image.text["Software"].startswith("vispa utils.plot sha256=")
+    mark = re.search(rb"vispa utils\.plot sha256=[0-9a-f]{64}", drawn).group(0)
+    words = tmp_path / f"notes{extension}"
+    words.write_bytes(b"my notes quote the mark: " + mark)
+    plot_refused(run, "--out", words, "--overwrite", fragments=["is not a plot"], watched=[tmp_path])
+    changed = bytearray(drawn)
+    changed[len(changed) // 2] ^= 1
+    out.write_bytes(bytes(changed))
+    plot_refused(run, "--out", out, "--overwrite", fragments=["is not a plot", "changed since"], watched=[tmp_path])
+    out.write_bytes(drawn)
+    assert plot(run, "--out", out, "--overwrite").returncode == 0
 
 
 @pytest.mark.parametrize("out, fragment", [

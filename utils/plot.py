@@ -16,15 +16,19 @@ bin, the accuracy against the mean confidence, the number of images and the ECE.
 
 Every input is checked before anything is drawn, and the image is written like every
 file of this program: by rename, never through a link, and over an existing file only
-with ``--overwrite`` and only if it is a plot of this program. matplotlib is optional:
+with ``--overwrite`` and only if it is a plot this program drew, unchanged since
+(its metadata carries the image's digest). matplotlib is optional:
 without it, one line says how to get it.
 """
 import argparse
+import hashlib
 import io
 import math
 import os
+import re
 import statistics
 import sys
+import zlib
 
 from . import predictions as predictions_file
 from .files import FileError, write_atomic
@@ -33,7 +37,13 @@ from .run_dir import NotOurs, RunDir, check_output
 from .summarize import configuration, settings_of
 
 FORMATS = (".png", ".pdf", ".svg")
-MARK = "vispa utils.plot"  # in the image's metadata: how --overwrite knows a plot of ours
+MARK = "vispa utils.plot"
+# The image's metadata carries MARK with the digest of the image as drawn with zeros in its
+# place: how --overwrite knows a plot of ours, unchanged since, from a file that merely
+# contains the words.
+SEAL = re.compile(rb"vispa utils\.plot sha256=([0-9a-f]{64})")
+UNSEALED = b"0" * 64
+MAX_PLOT_BYTES = 1 << 25
 ACCURACY = (("val_prec1", "L-sample predictive"), ("mean_prec1", "mean network sign(M)"),
             ("deployed_prec1", "deployed: sign(M), own BatchNorm statistics"))
 PANELS = [("loss", (("train_loss", "train"), ("val_loss", "test"))), ("test top-1 (%)", ACCURACY),
@@ -121,21 +131,48 @@ def reliability(content):
     return curves
 
 
+def with_digest(image: bytes, digest: bytes) -> bytes:
+    """``image`` with ``digest`` written into its seal. In a PNG the seal's chunk carries a
+    CRC of its text, which follows, so that the image stays valid for every reader."""
+    match = SEAL.search(image)
+    image = image[:match.start(1)] + digest + image[match.end(1):]
+    if image.startswith(b"\x89PNG"):
+        at = 8  # the chunks: length, type, data, CRC of type and data
+        while at + 8 <= len(image):
+            length = int.from_bytes(image[at:at + 4], "big")
+            end = at + 8 + length
+            if at + 8 <= match.start(1) < end:
+                crc = zlib.crc32(image[at + 4:end]).to_bytes(4, "big")
+                return image[:end] + crc + image[end + 4:]
+            at = end + 4
+    return image
+
+
+def sealed(image: bytes) -> bytes:
+    return with_digest(image, hashlib.sha256(image).hexdigest().encode())
+
+
 def is_our_plot(path) -> bool:
-    """Whether ``path`` is an image this program drew (its metadata carries the mark)."""
+    """Whether ``path`` is an image this program drew, unchanged since: its seal holds
+    the digest of the image with the seal zeroed."""
     try:
         with open(path, "rb") as f:
-            return MARK.encode() in f.read(1 << 24)
+            image = f.read(MAX_PLOT_BYTES + 1)
     except OSError:
         return False
+    match = SEAL.search(image)
+    if len(image) > MAX_PLOT_BYTES or match is None:
+        return False
+    return hashlib.sha256(with_digest(image, UNSEALED)).hexdigest().encode() == match.group(1)
 
 
 def metadata(extension):
-    return {".png": {"Software": MARK}, ".pdf": {"Creator": MARK}, ".svg": {"Creator": MARK}}[extension]
+    mark = f"{MARK} sha256={UNSEALED.decode()}"
+    return {".png": {"Software": mark}, ".pdf": {"Creator": mark}, ".svg": {"Creator": mark}}[extension]
 
 
-def draw(groups, out, content=None):
-    """The figure, as the bytes of the image ``out`` names."""
+def draw(groups, out, content=None, predictions_name=""):
+    """The figure, as the sealed bytes of the image ``out`` names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -146,7 +183,7 @@ def draw(groups, out, content=None):
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
         if title == "reliability":
-            reliability_panel(ax, reliability(content), os.path.basename(out))
+            reliability_panel(ax, reliability(content), predictions_name)
             continue
         for label, runs in groups.items():
             n = f" (n={len(runs)})" if len(runs) > 1 else ""
@@ -171,7 +208,7 @@ def draw(groups, out, content=None):
     extension = os.path.splitext(out)[1].lower()
     figure.savefig(image, format=extension[1:], dpi=100, metadata=metadata(extension))
     plt.close(figure)
-    return image.getvalue()
+    return sealed(image.getvalue())
 
 
 def reliability_panel(ax, curves, name):
@@ -210,7 +247,7 @@ def main(argv=None):
                           f"extensions")
         groups = groups_of(args.runs)
         content = predictions_file.read(args.predictions) if args.predictions else None
-        image = draw(groups, args.out, content)
+        image = draw(groups, args.out, content, os.path.basename(args.predictions or ""))
         write_atomic(args.out, lambda f: f.write(image))
     except (Refused, NotOurs, FileError) as error:
         print(f"error: {error}", file=sys.stderr)
