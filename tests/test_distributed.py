@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 
+import pytest
 import torch
 
 from helpers import ENV, REPO, TINY, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main
@@ -30,25 +31,30 @@ def tiny(data, results, save, epochs):
 
 
 def state(results, save):
-    """The network and VISPA's state (M, Z, momenta) of a run's last checkpoint."""
+    """The network and the optimizer's state (VISPA's M, Z and momenta; BayesBiNN's or the
+    STE's latent weights and moments) of a run's last checkpoint."""
     ckpt = load_checkpoint(os.path.join(results, save, "checkpoint.pth.tar"))
-    return {"model": ckpt["model"], "vispa": ckpt["optimizer"]["state"]}
+    return {"model": ckpt["model"], "optimizer": ckpt["optimizer"]["state"]}
 
 
-def test_two_ranks_train_as_two_virtual_ranks_of_one_process(cifar10_root, tmp_path):
+@pytest.mark.parametrize("method", ["vispa", "bayesbinn", "ste"])
+def test_two_ranks_train_as_two_virtual_ranks_of_one_process(cifar10_root, tmp_path, method):
     """Each rank: its own shard, its own draws, its own BatchNorm batch statistics; the
     gradients averaged; the running statistics rank 0's. The same seeds give the same
-    M, Z, momenta, real parameters and running statistics, bit for bit."""
+    optimizer state, real parameters and running statistics, bit for bit, whichever
+    method trains the binary weights."""
     results = tmp_path / "results"
-    two = torchrun(*tiny(cifar10_root, results, "two", 2))
+    args = lambda save: [*tiny(cifar10_root, results, save, 2), "--method", method]  # noqa: E731
+    two = torchrun(*args("two"))
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 ranks x 1 virtual; 3 training steps per epoch" in read_text(results / "two.txt")
-    virtual = run_main(*tiny(cifar10_root, results, "virtual", 2), "--virtual-ranks", 2)
+    virtual = run_main(*args("virtual"), "--virtual-ranks", 2)
     assert virtual.returncode == 0, virtual.stderr
     assert "2 virtual ranks; 3 training steps per epoch" in read_text(results / "virtual.txt")
+    assert state(results, "two")["optimizer"], "no optimizer state to compare"
     assert_bit_identical(state(results, "two"), state(results, "virtual"), "the state after 6 steps")
     # and it is not the state of one rank alone
-    one = run_main(*tiny(cifar10_root, results, "one", 2))
+    one = run_main(*args("one"))
     assert one.returncode == 0
     assert not all(a.equal(b) for a, b in zip(state(results, "one")["model"].values(),
                                               state(results, "two")["model"].values()))

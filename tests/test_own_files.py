@@ -326,12 +326,27 @@ def predictions_like(tmp_path, **changes):
     (lambda t, run: predictions_like(t, probs=torch.full((4, 3), float("nan"))), "non-finite values"),
     (lambda t, run: predictions_like(t, labels=torch.tensor([0, 1, 7, 0])), "labels outside the 3 classes"),
     (lambda t, run: predictions_like(t, mean_probs=torch.full((5, 3), 1 / 3)), "do not match"),
-], ids=["missing", "text", "a checkpoint", "an exported network", "NaN probabilities", "labels outside the classes", "lengths"])
+    (lambda t, run: predictions_like(t, probs=torch.tensor([[1.001, 0, 0]] * 4)), "not probabilities"),
+], ids=["missing", "text", "a checkpoint", "an exported network", "NaN probabilities", "labels outside the classes",
+        "lengths", "above one"])
 def test_predictions_a_plot_cannot_draw_are_one_line(one_epoch, tmp_path, make, fragment):
     pytest.importorskip("matplotlib")
     predictions = make(tmp_path, one_epoch / "run")
     plot_refused(one_epoch / "run", "--predictions", predictions, "--out", tmp_path / "c.png", fragments=[fragment],
                  watched=[tmp_path, one_epoch])
+
+
+def test_an_average_of_float32_probabilities_a_rounding_above_one_is_still_drawn(one_epoch, tmp_path):
+    """The L-sample predictive of near-certain samples, averaged in float32, may read
+    1.0000002: that is rounding, not a wrong file."""
+    pytest.importorskip("matplotlib")
+    above_one = torch.nextafter(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)), torch.tensor(2.0))
+    assert f"{above_one.item():.7f}" == "1.0000002"
+    probs = torch.zeros(4, 3)
+    probs[:, 0] = above_one
+    predictions = predictions_like(tmp_path, probs=probs)
+    result = plot(one_epoch / "run", "--predictions", predictions, "--out", tmp_path / "c.png")
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_pickle_that_carries_code_is_refused_by_the_plot_in_one_line(one_epoch, tmp_path):
