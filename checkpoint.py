@@ -244,7 +244,7 @@ def peek(path: str):
     """The plain fields of a checkpoint, read without loading its tensors into memory
     (``{"format", "version", "epoch", "epochs", "run", "run_id"}``, None where absent), or
     None if the file cannot be read. Not checked: for decisions that a full ``read``
-    confirms (which run to resume, whether a file is an exported network)."""
+    confirms (which run to resume, which epoch a file holds)."""
     try:
         obj = files.load(path, mmap=True)
     except FileError:

@@ -85,6 +85,22 @@ def test_evaluate_at_the_logs_L_reproduces_the_logged_epoch(finished_run, file):
     assert test.groups() == (logged["val_loss"], logged["val_prec1"], logged["val_prec5"], logged["mean_prec1"])
 
 
+def test_a_notebook_evaluates_as_the_command_line_does(finished_run, capsys):
+    """The typed request of evaluate.py's docstring, in this process: the figures of the
+    log's best epoch, as --evaluate prints them."""
+    from evaluate import Evaluation, evaluate
+    results, _ = finished_run
+    rows = metrics_without_seconds(results / "tiny" / "metrics.csv")
+    logged = rows[int(rows[-1]["best_epoch"]) - 1]
+    assert evaluate(Evaluation(str(results / "tiny" / "model_best.pth.tar"), asked=Config(L=2), typed={"L"})) == 0
+    printed = capsys.readouterr().out
+    test = re.search(r"Test: loss (\S+)\s+Prec@1 (\S+)\s+Prec@5 (\S+)\s+\(L=2\)\s+\|\s+mean network Prec@1 (\S+)",
+                     printed)
+    assert test, printed
+    assert test.groups() == (logged["val_loss"], logged["val_prec1"], logged["val_prec5"], logged["mean_prec1"])
+    assert f"training images: Prec@1 {logged['deployed_prec1']}  " in printed
+
+
 def test_piped_output_shows_progress_inside_an_epoch(cifar10_root, tmp_path):
     """Where stderr is a file (a cluster job), no progress bar: a plain line of progress
     every minute, or every VISPA_PROGRESS_SECONDS (here every batch)."""
