@@ -64,7 +64,7 @@ import numbers
 
 import torch
 
-from .binary_optimizer import BinaryWeightOptimizer, check_number, refuse_signs
+from .binary_optimizer import BinaryWeightOptimizer, check_number, is_binary, refuse_signs
 
 
 class VISPA(BinaryWeightOptimizer):
@@ -111,6 +111,12 @@ class VISPA(BinaryWeightOptimizer):
         check_number("S", group["S"], low=0, low_open=True)
         if group["projection"] not in (None, "sphere"):
             raise ValueError(f"projection must be None or 'sphere', got {group['projection']!r}")
+        kinds = {(p.dtype, p.device) for p in group["params"] if is_binary(p)}
+        if len(kinds) > 1:  # a group's draws are taken in one call, of one dtype on one device
+            raise ValueError(f"the binary weights of one parameter group are of several dtypes or devices "
+                             f"({', '.join(sorted(f'{d} on {v}' for d, v in kinds))}): convert the network to one "
+                             f"(model.to(dtype), model.to(device)) before building VISPA, or give each its own "
+                             f"parameter group")
 
     @torch.no_grad()
     def _init_state(self, p, group):

@@ -443,6 +443,33 @@ def test_a_network_converted_after_the_optimizer_was_built_is_named_at_the_first
             pass
 
 
+def test_one_group_of_binary_weights_of_two_dtypes_is_refused_at_construction_and_two_groups_work():
+    torch.manual_seed(0)
+    model = Tiny()
+    model.fc.double()
+    with pytest.raises(ValueError, match="one parameter group are of several dtypes or devices.*torch.float64"):
+        VISPA(model.parameters(), lr=0.1, K=2)
+    opt = VISPA([{"params": [model.conv.weight]}, {"params": [model.fc.weight]}, {"params": [model.bias]}], lr=0.1,
+                K=2)
+    with opt.sampled_params(train=True):
+        assert model.conv.weight.dtype == torch.float32 and model.fc.weight.dtype == torch.float64
+        assert all(set(w.unique().tolist()) <= {-1.0, 1.0} for w in (model.conv.weight, model.fc.weight))
+
+
+def test_a_bfloat16_network_samples_and_steps_in_bfloat16():
+    torch.manual_seed(0)
+    model = Tiny().to(torch.bfloat16)
+    opt = VISPA(model.parameters(), lr=0.1, K=2)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.bfloat16)
+    with opt.sampled_params(train=True):
+        model(x).square().mean().backward()
+    before = opt.state[model.fc.weight]["M"].clone()
+    opt.step()
+    M = opt.state[model.fc.weight]["M"]
+    assert M.dtype == opt.state[model.fc.weight]["Z"].dtype == torch.bfloat16 and not torch.equal(M, before)
+    assert set(model.fc.weight.unique().tolist()) <= {-1.0, 1.0}
+
+
 def test_a_parameter_listed_twice_is_refused_as_such():
     torch.manual_seed(0)
     model = Tiny()
