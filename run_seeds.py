@@ -227,7 +227,7 @@ def table(runs, template):
                   f"  best top-1 {paper_format(best)}   mean network "
                   f"{paper_format(mean_net) if mean_net else '-'}   deployed network "
                   f"{paper_format(deployed) if deployed else '-'}   "
-                  f"(mean ± sample std, ddof=1, over {len(best)} of {len(runs)} seeds)"]
+                  f"(mean ± sample std, ddof=1, over {len(best)} of {len(runs)} seed{'s' if len(runs) > 1 else ''})"]
     return "\n".join(lines)
 
 

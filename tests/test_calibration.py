@@ -152,6 +152,9 @@ def test_predictions_recompute_every_printed_accuracy_and_calibration(trained, t
     assert set(p) == {"probs", "mean_probs", "deployed_probs", "labels", "logits", "nll", "mean_nll", "deployed_nll",
                       "format", "version", "digest"}
     assert p["format"] == "vispa-predictions"
+    helped = " ".join(run_main("--help").stdout.split())  # --help names every key a user reads
+    helped = helped[helped.index("--predictions FILE with --evaluate"):helped.index("--ood DATASET with")]
+    assert set(re.findall(r"'(\w+)'", helped)) == set(p) - {"format", "version", "digest"}
     assert p["probs"].dtype == torch.float32 and p["probs"].shape == (len(p["labels"]), 10)
     labels = p["labels"]
     test = re.search(r"Prec@1 (\S+)  Prec@5 (\S+)  \(L=2\)  \|  mean network Prec@1 (\S+)", out.stdout).groups()

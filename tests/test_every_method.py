@@ -30,7 +30,7 @@ def test_a_rival_runs_the_whole_pipeline(cifar100_root, tmp_path, method):
                          DATA_ROOT=cifar100_root, RESULTS_DIR=results, **TINY)
     assert trained.returncode == 0, trained.stdout + trained.stderr
     name, = [p.name for p in results.iterdir() if p.is_dir()]
-    assert f"method={method}" in name
+    assert f"method={method}" in name and "over 1 of 1 seed)" in trained.stdout
     log = (results / f"{name}.txt").read_text().splitlines()
     _, status = run_results(results, name)
     assert log[-1] == f"Best Prec@1: {status.best_prec1:.2f} (epoch {status.best_epoch}/2)"

@@ -139,6 +139,17 @@ def test_every_module_of_the_repository_belongs_to_a_part():
     assert parts == OURS, (sorted(parts - OURS), sorted(OURS - parts))
 
 
+def test_the_readmes_layout_names_every_module():
+    """A newcomer finds every module in the README's Layout, by its file name."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)]
+    unnamed = [os.path.relpath(file, REPO) for part in ALLOWED for file in sources(part)
+               if os.path.basename(file) != "__init__.py" and os.path.basename(file) not in layout]
+    assert not unnamed, f"modules the README's Layout does not name: {unnamed}"
+
+
 # ---- the same table in words ------------------------------------------------------------------------
 
 ROW = re.compile(r"^\| `(?P<part>[^`]+)` \| (?P<allowed>[^|]*) \|")

@@ -153,6 +153,8 @@ def test_demo_learns_far_above_chance(tmp_path):
     assert best and float(best.group(1)) >= 60.0, best and best.group(0)
     assert (tmp_path / "demo" / "model_best.pth.tar").exists()
     assert any(re.match(r"Device: cpu \(1 CPU thread[ )]", line) for line in log), log[:4]
+    assert f"Files: this log is {tmp_path / 'demo.txt'}; the checkpoints, metrics.csv and config.json are in " \
+           f"{tmp_path / 'demo'}/" in log
 
     # the network to deploy: the log's figures of it, --evaluate's and those of its export are the same
     logged = next(line for line in log if line.startswith(f"Deployed network of epoch {best.group(2)}, "))

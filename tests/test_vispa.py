@@ -408,7 +408,7 @@ def test_a_second_optimizer_over_the_same_layers_is_refused():
 
 
 def test_network_without_binary_weights_is_refused():
-    with pytest.raises(ValueError, match="no binary weights"):
+    with pytest.raises(ValueError, match="no binary weights.*mark a weight of your own with mark_binary"):
         VISPA(nn.Linear(3, 2).parameters(), lr=0.1)
 
 

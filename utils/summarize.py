@@ -123,7 +123,8 @@ def report(groups) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Group runs by configuration (name without the "
                                      "seed) and print n, mean ± std (ddof=1), min and max of the "
-                                     "best top-1 accuracy.")
+                                     "best top-1 accuracy, and the mean network's and the deployed "
+                                     "network's top-1 in that epoch.")
     parser.add_argument("results_dir", nargs="?", default="./results")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.results_dir):
