@@ -150,6 +150,34 @@ def test_the_readmes_layout_names_every_module():
     assert not unnamed, f"modules the README's Layout does not name: {unnamed}"
 
 
+def heading_anchors(markdown):
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", markdown, re.M)}
+
+
+def test_every_link_of_the_readme_and_the_docs_leads_somewhere():
+    pages = ["README.md", "speed/README.md"] + [os.path.join("docs", n) for n in os.listdir(os.path.join(REPO, "docs"))
+                                                if n.endswith(".md")]
+    broken = []
+    for page in pages:
+        with open(os.path.join(REPO, page)) as f:
+            text = f.read()
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if link.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(REPO, os.path.dirname(page), path)) if path else \
+                os.path.join(REPO, page)
+            if not os.path.exists(target):
+                broken.append(f"{page}: {link} (no such file)")
+            elif anchor and target.endswith(".md"):
+                with open(target) as f:
+                    if anchor not in heading_anchors(f.read()):
+                        broken.append(f"{page}: {link} (no such heading)")
+    assert not broken, broken
+
+
 # ---- the same table in words ------------------------------------------------------------------------
 
 ROW = re.compile(r"^\| `(?P<part>[^`]+)` \| (?P<allowed>[^|]*) \|")
