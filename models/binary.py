@@ -51,7 +51,17 @@ def sign_activation(x: torch.Tensor) -> torch.Tensor:
     return _Sign.apply(x)
 
 
-class BinaryConv2d(nn.Conv2d):
+class _KeepsItsMark:
+    """``copy.deepcopy`` (of ``torch.optim.swa_utils.AveragedModel``, an EMA, a teacher)
+    rebuilds every Parameter without its attributes, the binary mark among them: the
+    layer marks the weight of its copy again."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        mark_binary(self.weight)
+
+
+class BinaryConv2d(_KeepsItsMark, nn.Conv2d):
     """Convolution with a binary weight and a learnable per-output-channel scale.
 
     ``weight`` starts as a Xavier-normal real tensor: VISPA takes it as the initial
@@ -88,7 +98,7 @@ class BinaryConv2d(nn.Conv2d):
         return super().extra_repr() + (", binarize_input=True" if self.binarize_input else "")
 
 
-class BinaryLinear(nn.Linear):
+class BinaryLinear(_KeepsItsMark, nn.Linear):
     """Linear layer with a binary weight and a learnable per-output-feature scale.
 
     The models of this repository use 1x1 ``BinaryConv2d`` instead (that is the

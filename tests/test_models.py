@@ -167,3 +167,25 @@ def test_the_tiny_imagenet_resnet18_has_a_stride_2_stem():
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 200)
     with pytest.raises(ValueError, match="takes images of 32 pixels, not 64"):
         build_model("vgg16", 200, 8, image_size=64)
+
+
+def test_a_deep_copy_keeps_the_binary_marks_so_an_averaged_model_knows_its_binary_weights():
+    """torch.optim.swa_utils.AveragedModel, an EMA or a teacher is a deepcopy, which
+    rebuilds every Parameter without its attributes."""
+    import copy
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, width=4)
+    marked = [name for name, p in model.named_parameters() if is_binary(p)]
+    assert marked
+    for copied in (copy.deepcopy(model), AveragedModel(model).module):
+        assert [name for name, p in copied.named_parameters() if is_binary(p)] == marked
+    twin = copy.deepcopy(model)  # a fresh network's copy trains as the network does
+    x = torch.randn(2, 3, 32, 32)
+    for net in (model, twin):
+        torch.manual_seed(5)  # Z's initial draw
+        opt = VISPA(net.parameters(), lr=0.1, K=2, seed=3)
+        with opt.sampled_params(train=True):
+            net(x).sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
