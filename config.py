@@ -167,6 +167,9 @@ class Config:
                             f"--method {self.method}'s")
         if self.method != "vispa" and not self.lr > 0:
             problems.append(f"--method {self.method} runs its --method-lr on the schedule of --lr: give --lr above 0")
+        if self.recalibrate == 1:
+            problems.append("--recalibrate 1: BatchNorm statistics are computed on batches of at least 2 images; "
+                            "give 2 or more, or 0 to keep the statistics of training")
         if isinstance(self.warmup_epochs, int) and isinstance(self.epochs, int) and self.warmup_epochs > self.epochs:
             problems.append(f"--warmup-epochs {self.warmup_epochs} is more than --epochs {self.epochs}: the run "
                             f"would end inside its warm-up and never reach its peak lr; give --warmup-epochs "

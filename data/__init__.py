@@ -99,9 +99,15 @@ class Dataset:
         they are dealt to). DatasetError if there are fewer images than ranks."""
         ranks = world.size * cfg.virtual_ranks
         count = min(cfg.recalibrate, available) // ranks * ranks
-        if count == 0:
+        least = max(2, ranks)  # BatchNorm in train mode needs 2 images, and every rank one
+        if count < least and available < least:
             raise DatasetError(f"--recalibrate {cfg.recalibrate}: the training set of {self.name} holds {available} "
-                               f"images, fewer than the {ranks} ranks that share them")
+                               f"image{'s' if available != 1 else ''}, fewer than the {least} that the deployed "
+                               f"network's BatchNorm statistics need ({ranks} rank{'s' if ranks > 1 else ''})")
+        if count < least:
+            raise DatasetError(f"--recalibrate {cfg.recalibrate} leaves {count} images to the {ranks} ranks (rounded "
+                               f"down to a multiple of them): give --recalibrate {least} or more, or 0 to keep the "
+                               f"statistics of training")
         order = torch.randperm(available, generator=seeds.generator("cpu", cfg.seed or 0, "recalibration"))
         return order[:count], ranks
 

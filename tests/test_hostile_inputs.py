@@ -407,6 +407,16 @@ def test_a_warm_up_longer_than_the_run_is_refused(cifar10_root, tmp_path):
                                 watched=[tmp_path])
 
 
+def test_too_few_images_for_the_deployed_networks_statistics_are_refused_at_the_start(cifar10_root, tmp_path):
+    """BatchNorm in train mode cannot normalise a batch of one image: found before a run
+    writes anything, not after its last epoch."""
+    run = [*TINY, "--epochs", 1, "--data_root", cifar10_root, "--results_dir", tmp_path]
+    refused_by_the_command_line([*run, "--recalibrate", 1], "--recalibrate 1", "batches of at least 2 images",
+                                watched=[tmp_path])
+    refused([*run, "--recalibrate", 3, "--virtual-ranks", 4], "--recalibrate 3 leaves 0 images to the 4 ranks",
+            "give --recalibrate 4 or more", watched=[tmp_path])
+
+
 def test_a_fork_with_nothing_left_to_train_is_refused(one_epoch, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(one_epoch, results)
