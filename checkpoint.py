@@ -23,6 +23,9 @@ Versions:
   network (NLL, ECE, Brier); rows of older files have None there.
 - 5: the metrics hold the deployed network's figures (None in the rows of epochs where
   it was not evaluated, and in the rows of older files).
+- 6: a run on images of one's own holds its class names (``classes``, in the order of
+  the labels), so that a data folder with other classes is refused instead of read with
+  shifted labels; None for the paper's datasets and in older files.
 """
 import math
 from dataclasses import dataclass, replace
@@ -36,7 +39,7 @@ from utils.files import FileError
 from utils.run_dir import CALIBRATION_FIELDS, CSV_FIELDS, DEPLOYED_FIELDS, OPTIONAL_FIELDS, valid_run_name
 
 FORMAT = "vispa-checkpoint"
-VERSION = 5
+VERSION = 6
 MAX_THREADS = 1024  # a CPU thread count a machine can have; more is a hand-made file
 
 
@@ -62,6 +65,7 @@ class Checkpoint:
     log_offset: int               # where the log's best line starts
     data_root: str = None         # the folder the run reads its dataset from
     threads: int = None           # the CPU threads it computes with
+    classes: list = None          # images of one's own: the class folders' names, label by label
     version: int = VERSION
 
     def to_file(self) -> dict:
@@ -152,6 +156,8 @@ def _migrated(obj, version, path, purpose):
     if version <= 4 and isinstance(obj.get("history"), list):  # rows from before the deployed network
         obj["history"] = [dict({key: None for key in DEPLOYED_FIELDS}, **row) if isinstance(row, dict) else row
                           for row in obj["history"]]
+    if version <= 5:  # no class names
+        obj.setdefault("classes", None)
     if version <= 2:  # no identity, no thread count; the evaluation draws were a generator's state
         obj.setdefault("run_id", None)
         obj.setdefault("threads", None)
@@ -211,10 +217,15 @@ def _checked(obj, path, version) -> Checkpoint:
         raise bad(f"its data folder {obj['data_root']!r} is not a path")
     if obj["threads"] is not None and not (_is_int(obj["threads"]) and 1 <= obj["threads"] <= MAX_THREADS):
         raise bad(f"its thread count {obj['threads']!r} is not a whole number from 1 to {MAX_THREADS}")
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) == config.num_classes
+                                    and all(isinstance(c, str) and c for c in classes)
+                                    and len(set(classes)) == len(classes)):
+        raise bad(f"its class names are not {config.num_classes} different names")
     return Checkpoint(config=config, run=obj["run"], run_id=obj["run_id"], epoch=epoch, model=obj["model"],
                       optimizer=optimizer, best_prec1=float(obj["best_prec1"]), best_epoch=obj["best_epoch"],
                       history=obj["history"], ranks=obj["ranks"], log_offset=obj["log_offset"],
-                      data_root=obj.get("data_root"), threads=obj["threads"])
+                      data_root=obj.get("data_root"), threads=obj["threads"], classes=classes)
 
 
 def _check_history(history, epoch, bad):

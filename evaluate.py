@@ -83,6 +83,7 @@ def evaluate(request: Evaluation, device=torch.device("cpu"), world=distributed.
         raise UsageError("--ood and --predictions need the distribution of a checkpoint; an exported network is "
                          "one network")
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, loaded.trained_on)
+    factory.classes_in(cfg, folder, loaded.classes)
     test = factory.test_batches(cfg, folder, device, world)
     outside = ood_batches(request, cfg, device, world) if request.ood else None
     problem = factory.class_problem(cfg, folder)
@@ -234,6 +235,7 @@ def export(request: Export) -> int:
     statistics = packed.TRAINING_STATISTICS
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, loaded.trained_on)
     if cfg.recalibrate:
+        factory.classes_in(cfg, folder, loaded.classes)  # the images of the classes it was trained on
         try:
             images = factory.recalibration_batches(cfg, folder, cpu, distributed.World())
         except DatasetError as error:

@@ -7,6 +7,7 @@ it imports the parts (models/, optim/, data/, utils/), never an entry point.
     train, test = batches(cfg, DataFolder.of(None, cfg.dataset), device, world)
     loaded = load_network("results/run/model_best.pth.tar", cfg, on_command_line, device)
 """
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -133,12 +134,38 @@ def batches(cfg: Config, folder: DataFolder, device, world):
         raise folder.explain(error) from None
 
 
-def classes_in(cfg: Config, folder: DataFolder) -> int:
-    """The classes of a dataset of one's own images: its class folders."""
+def classes_in(cfg: Config, folder: DataFolder, recorded=None):
+    """The class names of a dataset of one's own images, in the order of the labels (its
+    class folders), or None for the paper's datasets, whose classes are theirs. A
+    DatasetError if they are not those the network was trained on (``recorded``), or not
+    as many as ``cfg`` says (``--classes``, or the count of a file without names): the
+    labels would shift, or fall outside the network's outputs."""
+    dataset = DATASETS[cfg.dataset]
+    if not dataset.own_images:
+        return None
     try:
-        return len(DATASETS[cfg.dataset].class_names(folder.path))
+        names = dataset.class_names(folder.path)
     except DatasetError as error:
         raise folder.explain(error) from None
+    train = os.path.join(folder.path, "train")
+    if recorded is not None and names != list(recorded):
+        missing = [c for c in recorded if c not in names]
+        extra = [c for c in names if c not in recorded]
+        how = "; ".join([f"no {_some(missing)}"] * bool(missing) + [f"also {_some(extra)}"] * bool(extra))
+        raise folder.explain(DatasetError(
+            f"the class folders of {train} are not the {len(recorded)} classes the network was trained on "
+            f"({how or 'the same names, sorted otherwise'}): every label would be another class's; give "
+            f"--data-root a folder with the classes {_some(recorded)}"))
+    if cfg.folder_classes is not None and cfg.folder_classes != len(names):
+        raise folder.explain(DatasetError(
+            f"{train} has {len(names)} class folders ({_some(names)}), and the network has {cfg.folder_classes} "
+            f"classes (--classes, or the file's): give a folder of {cfg.folder_classes} classes, or leave "
+            f"--classes out to count them"))
+    return names
+
+
+def _some(names, shown=5):
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def class_problem(cfg: Config, folder: DataFolder):
@@ -184,6 +211,7 @@ class Loaded:
     trained_on: str = None    # the data folder of its run, if the file says
     epoch: int = 0            # the epoch it holds (0 for the authors' files)
     statistics: dict = None   # an exported network's BatchNorm statistics (models/packed.py)
+    classes: list = None      # images of one's own: the class names it was trained on, if the file says
 
 
 # What may be asked of an evaluation beside a checkpoint's own settings.
@@ -214,13 +242,15 @@ def _asked(cfg, on_command_line, always=()):
 
 
 def _load_ours(state, path, cfg, on_command_line, device) -> Loaded:
-    different = conflicts(cfg, state.config, on_command_line, ("model", "dataset", "width", "K"))
+    different = conflicts(cfg, state.config, on_command_line,
+                          ("model", "dataset", "width", "K", "folder_classes", "folder_image_size"))
     if different:
         raise CheckpointError(f"{path} holds another network than the one asked for: " + ", ".join(different))
     model, opt = build(state.config, device)
     fill(model, opt, state, path)
     return Loaded(CHECKPOINT, model, opt, replace(state.config, **_asked(cfg, on_command_line, always=("L",))),
-                  f"epoch {state.epoch} of run {state.run}", trained_on=state.data_root, epoch=state.epoch)
+                  f"epoch {state.epoch} of run {state.run}", trained_on=state.data_root, epoch=state.epoch,
+                  classes=state.classes)
 
 
 def fill(model, opt, state: checkpoint.Checkpoint, path):
@@ -281,12 +311,13 @@ def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
     saved = Config(model=content["model"], dataset=content["dataset"], width=content["width"],
                    folder_classes=content["num_classes"] if own else None,
                    folder_image_size=content["image_size"] if own else None)
-    different = conflicts(cfg, saved, on_command_line, ("model", "dataset", "width"))
+    different = conflicts(cfg, saved, on_command_line, ("model", "dataset", "width", "folder_classes",
+                                                         "folder_image_size"))
     if different:
         raise CheckpointError(f"{path} is another network than the one asked for: " + ", ".join(different))
     return Loaded(EXPORTED, model, None, replace(saved, **_asked(cfg, on_command_line)),
                   f"the exported network sign(M) of {content.get('source')}", trained_on=content.get("data_root"),
-                  statistics=content["statistics"])
+                  statistics=content["statistics"], classes=content["classes"])
 
 
 def exported_network(loaded: Loaded, source: str, statistics=packed.TRAINING_STATISTICS, data_root=None) -> dict:
@@ -297,4 +328,4 @@ def exported_network(loaded: Loaded, source: str, statistics=packed.TRAINING_STA
         means = {name: p.detach().clone() for name, p in loaded.model.named_parameters() if is_binary(p)}
     dataset = DATASETS[cfg.dataset]
     return packed.pack(loaded.model, means, cfg.model, cfg.width, cfg.num_classes, cfg.image_size, cfg.dataset,
-                       dataset.mean, dataset.std, source, statistics, data_root)
+                       dataset.mean, dataset.std, source, statistics, data_root, loaded.classes)

@@ -313,8 +313,9 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     # Everything that can fail on bad input fails before the first file is written.
     seeds.seed_everything(cfg.seed)  # the same network on every rank
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, resumed and resumed.data_root)
-    if cfg.num_classes is None:  # images of one's own: their class folders, counted once; the run keeps the count
-        cfg = replace(cfg, folder_classes=factory.classes_in(cfg, folder))
+    classes = factory.classes_in(cfg, folder, resumed and resumed.classes)  # images of one's own: their names
+    if classes is not None:
+        cfg = replace(cfg, folder_classes=len(classes))
     train_batches, test_batches = factory.batches(cfg, folder, device, world)
     recalibration = factory.recalibration_batches(cfg, folder, device, world) if cfg.recalibrate else None
     problem = factory.class_problem(cfg, folder)
@@ -357,7 +358,7 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                           history=record.history, ranks=distributed.gather(rank_state(train_batches, ranks, device),
                                                                            world),
                           log_offset=log.offset, data_root=os.path.abspath(folder.path),
-                          threads=torch.get_num_threads())
+                          threads=torch.get_num_threads(), classes=classes)
 
     fresh = resumed is None or os.path.abspath(path) != run.checkpoint  # new, forked or rewound
     if fresh and 0 < record.best_epoch < start:  # the best epoch lies before the starting point

@@ -6,9 +6,11 @@ scales, BatchNorm statistics and full-precision layers - the "mean network" whos
 top-1 the training log reports every epoch. ``pack`` turns a network and its means
 into a file of plain data (loadable with ``torch.load(weights_only=True)``):
 
-    format, version          "vispa-binary-network", 2 (1: without "statistics")
+    format, version          "vispa-binary-network", 3 (2: without "classes"; 1: nor "statistics")
     model, width, num_classes, image_size, dataset, mean, std
                              what to build and how to normalise its input
+    classes                  images of one's own: the class names, output by output (the
+                             class folders it was trained on); None for the paper's datasets
     statistics               which BatchNorm statistics it carries: {"source": "recomputed",
                              "images": N}, its own, recomputed on N training images (the
                              deployed network), or {"source": "training"}, those gathered in
@@ -38,7 +40,7 @@ from . import build_model
 from .binary import is_binary
 
 FORMAT = "vispa-binary-network"
-VERSION = 2
+VERSION = 3
 TRAINING_STATISTICS = {"source": "training"}
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -64,7 +66,7 @@ def unpack_bits(packed: dict, dtype=torch.float32) -> torch.Tensor:
 
 
 def pack(model, means: dict, model_name, width, num_classes, image_size, dataset, mean, std, source,
-         statistics=TRAINING_STATISTICS, data_root=None) -> dict:
+         statistics=TRAINING_STATISTICS, data_root=None, classes=None) -> dict:
     """The packed file of ``model`` whose binary weights are ``sign(means[name])``;
     ``statistics``: which BatchNorm statistics ``model`` holds (see above)."""
     binary = {name for name, p in model.named_parameters() if is_binary(p)}
@@ -75,7 +77,7 @@ def pack(model, means: dict, model_name, width, num_classes, image_size, dataset
     return {"format": FORMAT, "version": VERSION, "model": model_name, "width": width,
             "num_classes": num_classes, "image_size": image_size, "dataset": dataset,
             "mean": list(mean), "std": list(std), "source": source, "statistics": dict(statistics),
-            "data_root": data_root,
+            "data_root": data_root, "classes": None if classes is None else list(classes),
             "binary": {name: pack_bits(torch.sign(means[name])) for name in sorted(binary)},
             "state": state}
 
@@ -95,19 +97,22 @@ def read_packed(path) -> dict:
 
 def checked(obj: dict, path) -> dict:
     """The content of the packed file ``path`` already read (``obj``), checked as
-    ``read_packed`` checks it; files of version 1 carry the statistics of training."""
+    ``read_packed`` checks it; files of version 1 carry the statistics of training, and
+    files before version 3 no class names."""
     if obj.get("format") != FORMAT:
         raise PackedError(f"{path} is not an exported binary network (no format {FORMAT!r}); "
                           f"export one with `python main.py --export CHECKPOINT --out FILE`")
-    if obj.get("version") not in (1, VERSION):
+    if obj.get("version") not in range(1, VERSION + 1):
         raise PackedError(f"{path} is an exported network of format version {obj.get('version')!r}; "
-                          f"this version reads versions 1 and {VERSION}")
+                          f"this version reads versions 1 to {VERSION}")
     try:
         obj = files.verify_digest(obj, path, "an exported network")
     except files.FileError as error:
         raise PackedError(str(error)) from None
     if obj.get("version") == 1:
         obj = dict(obj, statistics=TRAINING_STATISTICS)
+    if obj.get("version") < 3:
+        obj = dict(obj, classes=None)
     missing = [key for key in ("model", "width", "num_classes", "image_size", "dataset", "mean", "std",
                                "binary", "state", "statistics") if key not in obj]
     if missing:
@@ -140,6 +145,11 @@ def _problem(obj):
         text = obj.get(key)
         if text is not None and not (isinstance(text, str) and len(text) <= 2000 and text.isprintable()):
             return f"its {key} is not one printable line of text"
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) == obj["num_classes"] and
+                                    all(isinstance(c, str) and c and len(c) <= 255 and c.isprintable()
+                                        for c in classes) and len(set(classes)) == len(classes)):
+        return f"its class names are not {obj['num_classes']} different printable names"
     if not all(type(v) in (int, float) and v > 0 for v in obj["std"]):
         return "its std is not positive"
     statistics = obj["statistics"]

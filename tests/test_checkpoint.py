@@ -31,14 +31,22 @@ def row(epoch, columns=CSV_FIELDS):
     return {key: epoch if key == "epoch" else 1.5 for key in columns}
 
 
-def version5(**changes):
-    """The content of a format-5 file after 2 of 3 epochs, field by field (without its digest)."""
+def version6(**changes):
+    """The content of a format-6 file after 2 of 3 epochs, field by field (without its digest)."""
     content = {"format": FORMAT, "config": settings().to_dict(), "run": "r18", "run_id": "a1b2c3",
                "epoch": 2, "model": {"conv.weight": torch.ones(2, 2)},
                "optimizer": {"state": {0: {"M": torch.ones(2, 2)}}, "param_groups": [{"params": [0]}]},
                "best_prec1": 51.5, "best_epoch": 1, "history": [row(1), row(2)],
                "ranks": [{"rng": torch.zeros(3, dtype=torch.uint8)}], "log_offset": 120, "data_root": "/data",
-               "threads": 2, "version": 5}
+               "threads": 2, "classes": None, "version": 6}
+    content.update(changes)
+    return content
+
+
+def version5(**changes):
+    """Format 5: no class names."""
+    content = version6(version=5)
+    del content["classes"]
     content.update(changes)
     return content
 
@@ -91,35 +99,41 @@ def refusal(content, purpose="resumed", digest=True):
 # ---- the current version ---------------------------------------------------------------------------
 
 def test_a_current_file_reads_back_field_by_field():
-    state = read_back(version5())
+    state = read_back(version6())
     assert state.config == settings()
     assert (state.run, state.run_id, state.epoch, state.best_prec1, state.best_epoch) == ("r18", "a1b2c3", 2, 51.5, 1)
     assert state.history == [row(1), row(2)] and state.log_offset == 120
-    assert (state.data_root, state.threads, state.version) == ("/data", 2, 5)
+    assert (state.data_root, state.threads, state.classes, state.version) == ("/data", 2, None, 6)
     assert torch.equal(state.model["conv.weight"], torch.ones(2, 2))
     assert torch.equal(state.ranks[0]["rng"], torch.zeros(3, dtype=torch.uint8))
 
 
 def test_to_file_writes_exactly_the_fields_of_the_current_version():
-    state = read_back(version5())
+    state = read_back(version6())
     content = state.to_file()
-    assert sorted(content) == sorted(version5())
-    assert content["format"] == FORMAT and content["version"] == VERSION == 5
+    assert sorted(content) == sorted(version6())
+    assert content["format"] == FORMAT and content["version"] == VERSION == 6
     assert content["config"] == settings().to_dict()
     plain = {k: v for k, v in content.items() if k not in ("model", "optimizer", "ranks")}
-    assert plain == {k: v for k, v in version5().items() if k not in ("model", "optimizer", "ranks")}
+    assert plain == {k: v for k, v in version6().items() if k not in ("model", "optimizer", "ranks")}
     assert content["model"] is state.model and content["optimizer"] is state.optimizer
 
 
+def test_the_class_names_of_a_run_on_images_of_ones_own_read_back():
+    names = [f"class {i}" for i in range(100)]
+    assert read_back(version6(classes=names)).classes == names
+    assert read_back(version5()).classes is None  # older files hold none
+
+
 def test_a_file_without_data_root_reads_as_none():
-    content = version5()
+    content = version6()
     del content["data_root"]
     assert read_back(content).data_root is None
 
 
 # ---- every version read as the current one ----------------------------------------------------------
 
-@pytest.mark.parametrize("made", [version2, version3, version4, version5])
+@pytest.mark.parametrize("made", [version2, version3, version4, version5, version6])
 def test_every_version_with_a_digest_reads_as_the_current_one(made):
     state = read_back(made())
     assert state.version == VERSION
@@ -188,7 +202,7 @@ def test_a_version_1_resnet18_is_refused_for_every_purpose(purpose):
 
 
 def test_a_newer_version_is_refused_with_both_versions():
-    message = refusal(version5(version=VERSION + 1))
+    message = refusal(version6(version=VERSION + 1))
     assert f"newer version of this program (checkpoint format {VERSION + 1}; this one reads up to {VERSION})" \
         in message
 
@@ -196,29 +210,29 @@ def test_a_newer_version_is_refused_with_both_versions():
 @pytest.mark.parametrize("version", ["5", 5.0, True, None])
 def test_a_version_that_is_not_a_whole_number_is_refused(version):
     assert f"its format version {version!r} is not a version of this program's files" in \
-        refusal(version5(version=version))
+        refusal(version6(version=version))
 
 
 @pytest.mark.parametrize("version", [0, -1])
 def test_a_version_below_1_is_refused(version):
-    assert f"its format version {version} is not a version" in refusal(version5(version=version), digest=False)
+    assert f"its format version {version} is not a version" in refusal(version6(version=version), digest=False)
 
 
 # ---- refusals: the digest and missing fields ------------------------------------------------------------
 
 def test_a_file_without_its_digest_is_refused():
-    assert "has no content digest" in refusal(version5(), digest=False)
+    assert "has no content digest" in refusal(version6(), digest=False)
 
 
 def test_a_file_changed_after_its_digest_is_refused_as_damaged():
-    content = files.with_digest(version5())
+    content = files.with_digest(version6())
     content["epoch"] = 1
     with pytest.raises(CheckpointError, match="is damaged: its content does not match the digest"):
         checkpoint.from_file(content, PATH, "resumed")
 
 
 def test_a_file_without_settings_is_refused_by_name():
-    content = version5()
+    content = version6()
     del content["config"]
     assert "is not a complete checkpoint of this program: it has no 'config'" in refusal(content)
 
@@ -226,13 +240,13 @@ def test_a_file_without_settings_is_refused_by_name():
 @pytest.mark.parametrize("field", ["run", "epoch", "model", "optimizer", "best_prec1", "best_epoch", "history",
                                    "ranks", "log_offset"])
 def test_a_missing_field_is_named(field):
-    content = version5()
+    content = version6()
     del content[field]
     assert f"it has no {field!r}" in refusal(content)
 
 
 def test_every_missing_field_is_named_at_once():
-    content = version5()
+    content = version6()
     del content["epoch"], content["ranks"]
     assert "it has no 'epoch', 'ranks'" in refusal(content)
 
@@ -293,17 +307,22 @@ BAD = [
     (dict(threads=0), "its thread count 0 is not a whole number from 1 to 1024"),
     (dict(threads=1025), "its thread count 1025 is not a whole number from 1 to 1024"),
     (dict(threads=2.0), "its thread count 2.0 is not a whole number from 1 to 1024"),
+    # the class names (of images of one's own)
+    (dict(classes="cat"), "its class names are not 100 different names"),
+    (dict(classes=["cat", "dog"]), "its class names are not 100 different names"),
+    (dict(classes=["cat"] * 100), "its class names are not 100 different names"),
+    (dict(classes=[f"c{i}" for i in range(99)] + [7]), "its class names are not 100 different names"),
 ]
 
 
 @pytest.mark.parametrize("changes,expected", BAD, ids=[f"{next(iter(c))}={c[next(iter(c))]!r}"[:40] for c, _ in BAD])
 def test_an_impossible_field_is_refused_with_what_is_wrong(changes, expected):
-    message = refusal(version5(**changes))
+    message = refusal(version6(**changes))
     assert expected in message, message
     assert message.startswith(PATH)
 
 
-@pytest.mark.parametrize("made", [version2, version3, version4, version5])
+@pytest.mark.parametrize("made", [version2, version3, version4, version5, version6])
 def test_a_file_with_a_digest_must_hold_its_metrics(made):
     assert "metrics" in refusal(made(history=None))
 
@@ -329,7 +348,7 @@ def test_read_refuses_a_missing_file_as_a_checkpoint_error(tmp_path):
 
 def test_write_into_a_missing_folder_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError):
-        checkpoint.write(version5(), str(tmp_path / "missing" / "checkpoint.pth.tar"))
+        checkpoint.write(version6(), str(tmp_path / "missing" / "checkpoint.pth.tar"))
 
 
 # ---- a run's state, written and read back -------------------------------------------------------------
@@ -424,7 +443,7 @@ def test_model_best_restores_the_distribution_and_starts_the_memory_afresh(metho
 
 def test_peek_reads_the_plain_fields_of_a_written_checkpoint(tmp_path):
     path = str(tmp_path / "checkpoint.pth.tar")
-    checkpoint.write(read_back(version5()).to_file(), path)
+    checkpoint.write(read_back(version6()).to_file(), path)
     assert checkpoint.peek(path) == {"format": FORMAT, "version": VERSION, "epoch": 2, "epochs": EPOCHS,
                                      "run": "r18", "run_id": "a1b2c3"}
 
@@ -440,6 +459,6 @@ def test_peek_gives_none_for_what_a_file_lacks_and_for_an_unreadable_file(tmp_pa
 
 
 def test_is_ours_tells_our_files_by_their_format():
-    assert checkpoint.is_ours(version5()) and checkpoint.is_ours(version1())
+    assert checkpoint.is_ours(version6()) and checkpoint.is_ours(version1())
     assert not checkpoint.is_ours({"state_dict": {}}) and not checkpoint.is_ours(["format"])
     assert not checkpoint.is_ours({"format": "vispa-binary-network"})

@@ -139,8 +139,9 @@ def test_evaluating_an_export_gives_the_figure_the_log_gives_for_it(trained, cif
 def test_the_export_is_plain_data_with_its_bits_and_what_to_build(trained):
     content = torch.load(trained["out"], weights_only=True)
     assert (content["format"], content["version"], content["model"], content["width"], content["num_classes"],
-            content["image_size"], content["dataset"]) == ("vispa-binary-network", 2, trained["model"],
+            content["image_size"], content["dataset"]) == ("vispa-binary-network", 3, trained["model"],
                                                          trained["width"], 10, 32, "cifar10")
+    assert content["classes"] is None  # the paper's datasets have their classes
     assert content["mean"] == list(DATASETS["cifar10"].mean) and content["std"] == list(DATASETS["cifar10"].std)
     network = build_model(trained["model"], 10, trained["width"])
     binary = {n: p.numel() for n, p in network.named_parameters() if is_binary(p)}
@@ -190,10 +191,10 @@ def test_what_is_not_an_export_is_refused(exports, cifar10_root, tmp_path):
     truncated.write_bytes(trained["out"].read_bytes()[:-300])
     newer = tmp_path / "newer.bnn"
     content = torch.load(trained["out"], weights_only=True)
-    packed.save(dict(content, version=3), str(newer))
+    packed.save(dict(content, version=4), str(newer))
     ours = trained["results"] / "run" / "checkpoint.pth.tar"
     cases = [(text, "cannot read"), (truncated, "cannot read"),
-             (newer, "is an exported network of format version 3; this version reads versions 1 and 2")]
+             (newer, "is an exported network of format version 4; this version reads versions 1 to 3")]
     for path, message in cases:
         before = folder_digest(tmp_path)
         assert_clear_error(run_main("--evaluate", path, "--data_root", cifar10_root, "--gpus", "cpu"), message)
@@ -229,7 +230,7 @@ def test_an_export_without_its_training_images_says_what_to_do(exports, tmp_path
 def test_an_exported_network_of_version_1_carries_the_statistics_of_training(exports, cifar10_root, tmp_path):
     trained = exports("resnet18")
     content = torch.load(trained["mean"], weights_only=True)
-    old = {k: v for k, v in content.items() if k not in ("statistics", "data_root", "digest")}
+    old = {k: v for k, v in content.items() if k not in ("statistics", "data_root", "classes", "digest")}
     packed.save(dict(old, version=1), str(tmp_path / "old.bnn"))
     result = run_main("--evaluate", tmp_path / "old.bnn", "--data_root", cifar10_root, "--gpus", "cpu")
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ folders, stops and resumes exactly, is evaluated with --ood against a second fol
 exports the network to deploy, whose figures are the evaluation's."""
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -86,12 +87,45 @@ def test_a_run_trains_resumes_exactly_is_told_apart_from_other_images_and_export
     assert f"Calibration: {deployed[1]}" in r.stdout and f"Prec@1 {deployed[0]}  " in r.stdout
 
 
+def test_a_network_is_given_only_the_classes_it_was_trained_on(own_images, tmp_path):
+    """The run, its checkpoints and its export name the class folders, label by label: a
+    folder whose classes differ, even by a name and not by their count, would shift every
+    label, and is refused in one line by every command, with nothing written."""
+    results = tmp_path / "results"
+    r = run_main(*OWN, "--epochs", 1, "--data-root", own_images, "--results-dir", results, "--save", "own")
+    assert r.returncode == 0, r.stderr
+    best = results / "own" / "model_best.pth.tar"
+    assert load_checkpoint(best)["classes"] == ["cat", "dog", "fish"]
+    assert run_main("--export", best, "--out", tmp_path / "own.bnn", "--gpus", "cpu").returncode == 0
+    assert torch.load(tmp_path / "own.bnn", weights_only=True)["classes"] == ["cat", "dog", "fish"]
+
+    renamed, more = tmp_path / "renamed", tmp_path / "more"
+    shutil.copytree(own_images, renamed)
+    for split in ("train", "val"):
+        os.rename(renamed / split / "cat", renamed / split / "zz_cat")  # cat's images become the last label
+    shutil.copytree(own_images, more)
+    for split in ("train", "val"):
+        shutil.copytree(more / split / "fish", more / split / "frog")
+    for folder, fragment in ((renamed, "no cat; also zz_cat"), (more, "also frog")):
+        for command in (["--evaluate", best], ["--evaluate", tmp_path / "own.bnn"],
+                        ["--export", best, "--out", tmp_path / "other.bnn"],
+                        ["--resume", best, "--fork", "--save", "forked", "--epochs", 2]):
+            before = folder_digest(tmp_path)
+            r = run_main(*command, "--data-root", folder, "--gpus", "cpu")
+            assert folder_digest(tmp_path) == before, command
+            assert_clear_error(r, "are not the 3 classes the network was trained on", fragment,
+                               "give --data-root a folder with the classes cat, dog, fish")
+
+
 @pytest.mark.parametrize("layout, message", [
     ("missing", "imagefolder not found"),
     ("one class", "has 1 class folder: a classifier needs at least 2"),
     ("other classes", "has other class folders than"),
     ("damaged", "cannot read the image"),
-], ids=["no train folder", "one class", "val with other classes", "a damaged image"])
+    ("empty class", "train/.ipynb_checkpoints holds no images"),
+    ("fewer classes asked", "has 2 class folders (cat, dog), and the network has 3 classes"),
+], ids=["no train folder", "one class", "val with other classes", "a damaged image", "a class without images",
+        "--classes other than the folders"])
 def test_a_folder_that_is_not_a_dataset_of_class_folders_is_one_line(tmp_path, layout, message):
     root = tmp_path / "data"
     if layout != "missing":
@@ -101,8 +135,11 @@ def test_a_folder_that_is_not_a_dataset_of_class_folders_is_one_line(tmp_path, l
         os.rename(root / "val" / "dog", root / "val" / "bird")
     if layout == "damaged":
         (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    if layout == "empty class":  # a folder a notebook leaves: ImageFolder would count it as a class too
+        os.makedirs(root / "train" / ".ipynb_checkpoints")
+    classes = ["--classes", 3] if layout == "fewer classes asked" else []
     before = folder_digest(tmp_path)
-    r = run_main(*OWN, "--data-root", root, "--results-dir", tmp_path / "results")
+    r = run_main(*OWN, *classes, "--data-root", root, "--results-dir", tmp_path / "results")
     assert folder_digest(tmp_path) == before
     assert_clear_error(r, message)
 
