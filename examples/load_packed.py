@@ -30,8 +30,9 @@ def main(path):
     with torch.no_grad():
         probabilities = model((images.float() / 255 - mean) / std).softmax(1)
     confidence, predicted = probabilities.max(1)
+    names = about["classes"]  # the class folders of a run on one's own images; None for the paper's datasets
     for i, (label, p) in enumerate(zip(predicted.tolist(), confidence.tolist())):
-        print(f"image {i}: class {label} (probability {p:.2f})")
+        print(f"image {i}: class {label}{f' ({names[label]})' if names else ''} (probability {p:.2f})")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,12 @@ def test_the_load_packed_example_runs_an_exported_network(installed, tmp_path):
         expected = load_packed(path)((images.float() / 255 - 0.5) / 0.25).argmax(1).tolist()
     printed = [int(line.split()[3]) for line in run.stdout.splitlines() if line.startswith("image ")]
     assert printed == expected
+
+    # a network of one's own images names its classes
+    names = [f"kind {i}" for i in range(10)]
+    packed.save(packed.pack(model, means, "resnet18", 4, 10, 32, "imagefolder", (0.5,) * 3, (0.25,) * 3, "a test",
+                            classes=names), path)
+    run = outside(installed, tmp_path, os.path.join(REPO, "examples", "load_packed.py"), path)
+    assert run.returncode == 0, run.stderr
+    assert [line.split(" (probability")[0] for line in run.stdout.splitlines() if line.startswith("image ")] == \
+        [f"image {i}: class {label} ({names[label]})" for i, label in enumerate(expected)]
