@@ -34,6 +34,7 @@ import engine
 import factory
 from config import Config, UsageError
 from data import DATASETS, DatasetError, InMemory
+from data.class_folders import read_class_folders
 from models import packed
 from optim import recalibrate
 from utils import distributed, predictions
@@ -85,7 +86,7 @@ def evaluate(request: Evaluation, device=torch.device("cpu"), world=distributed.
     folder = factory.DataFolder.of(request.data_root, cfg.dataset, loaded.trained_on)
     factory.classes_in(cfg, folder, loaded.classes)
     test = factory.test_batches(cfg, folder, device, world)
-    outside = ood_batches(request, cfg, device, world) if request.ood else None
+    outside = ood_batches(request, cfg, folder, device, world) if request.ood else None
     problem = factory.class_problem(cfg, folder)
     if problem and loaded.kind == factory.RELEASED:
         raise DatasetError(f"{problem}: the released network's classes are the full dataset's")
@@ -163,13 +164,16 @@ def write_predictions(path, val, mean, deployed, world):
 
 # ---- images of another dataset -----------------------------------------------------------------------
 
-def ood_batches(request, cfg, device, world):
+def ood_batches(request, cfg, folder, device, world):
     """This rank's part of the test set of ``request.ood``, normalised as the network's own
-    dataset is (the network knows no other input), with no labels that mean anything."""
+    dataset is (the network knows no other input), with no labels that mean anything
+    (images of one's own: the class folders of ``val/`` alone)."""
     inside, outside = DATASETS[cfg.dataset], DATASETS[request.ood]
-    if request.ood == cfg.dataset and not request.ood_data_root:
-        raise UsageError(f"--ood {request.ood} is the network's own dataset: name another, or another folder of it "
-                         f"with --ood-data-root")
+    root = request.ood_data_root or outside.default_root
+    if request.ood == cfg.dataset and (not request.ood_data_root or _same_folder(root, folder.path)):
+        raise UsageError(f"--ood {request.ood} {'in ' + root + ' ' if request.ood_data_root else ''}is the "
+                         f"network's own test set: name another dataset, or another folder of it with "
+                         f"--ood-data-root")
     if not isinstance(outside, InMemory) or not isinstance(inside, InMemory):
         raise UsageError(f"--ood compares datasets held in memory (CIFAR-10, CIFAR-100, Tiny-ImageNet), not "
                          f"{request.ood if not isinstance(outside, InMemory) else cfg.dataset}")
@@ -177,12 +181,22 @@ def ood_batches(request, cfg, device, world):
     if size != cfg.image_size:
         raise UsageError(f"--ood {request.ood} has images of {size} pixels; {cfg.model} on {cfg.dataset} "
                          f"takes {cfg.image_size}")
-    root = request.ood_data_root or outside.default_root
-    images, labels = outside.read(root, "test", cfg.image_size)
+    try:
+        images, labels = read_class_folders(root, "test", cfg.image_size, own_classes=True) if outside.own_images \
+            else outside.read(root, "test", cfg.image_size)
+    except DatasetError as error:
+        raise DatasetError(f"--ood {request.ood} --ood-data-root {root}: {error}") from None
     if len(labels) == 0:
         raise DatasetError(f"--ood {request.ood}: the test set in {root} has no images to tell apart")
     return inside.loader(images, torch.zeros_like(labels), cfg.eval_batch_size, False, device, [world.rank],
                          world.size)
+
+
+def _same_folder(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def report_ood(name, cfg, results, world):

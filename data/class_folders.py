@@ -41,15 +41,18 @@ def class_names(root: str) -> list:
     return names
 
 
-def read_class_folders(root: str, split: str, size: int):
+def read_class_folders(root: str, split: str, size: int, own_classes=False):
     """(images, labels) of the "train" or "test" (= val/) split: uint8 (N, 3, size, size)
-    and int64 (N,). DatasetError (one line) if missing, empty, or an image cannot be read."""
-    classes = class_names(root)
+    and int64 (N,). DatasetError (one line) if missing, empty, or an image cannot be read.
+    ``own_classes``: the split's class folders are its classes, whatever train/ holds
+    (another folder's images for --ood, whose labels mean nothing to the network)."""
+    classes = None if own_classes else class_names(root)
     directory = os.path.join(root, SPLIT_FOLDERS[split])
     if not os.path.isdir(directory):
         raise DatasetError(f"imagefolder: {directory} is missing ({LAYOUT})")
     with os.scandir(directory) as entries:
         found = sorted(e.name for e in entries if e.is_dir())
+    classes = classes or found
     if split != "train" and found != classes:
         odd = sorted(set(found) ^ set(classes))
         raise DatasetError(f"{directory} has other class folders than {os.path.join(root, 'train')} (e.g. {odd[0]}): "

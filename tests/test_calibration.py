@@ -201,11 +201,13 @@ def test_another_datasets_images_are_told_apart(trained, tmp_path):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["--ood", "cifar10"], "--ood cifar10 is the network's own dataset"),
+    (["--ood", "cifar10"], "--ood cifar10 is the network's own test set"),
     (["--ood", "imagenet"], "--ood compares datasets held in memory"),
     (["--ood", "tiny-imagenet"], "--ood tiny-imagenet has images of 64 pixels"),
+    (["--ood", "cifar10", "--ood-data-root", "the run's own"], "is the network's own test set"),
 ])
-def test_an_ood_dataset_that_cannot_be_compared_is_refused(trained, tmp_path, command, message):
+def test_an_ood_dataset_that_cannot_be_compared_is_refused(trained, cifar10_root, tmp_path, command, message):
+    command = [cifar10_root if word == "the run's own" else word for word in command]
     assert_clear_error(run_main("--evaluate", trained / "run" / "model_best.pth.tar", "--gpus", "cpu", *command),
                        message)
 
