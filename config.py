@@ -86,7 +86,8 @@ class Config:
                                 "covariance factor; 'bayesbinn', BayesBiNN's mean-field Bernoulli trained by the "
                                 "Bayesian learning rule; 'ste', latent weights through the straight-through "
                                 "estimator with Adam and clipping to [-1, 1] (BayesBiNN's baseline). The real "
-                                "parameters are trained alike by SGD with --lr, --momentum and --wd")
+                                "parameters are trained alike by SGD with --lr, --momentum and --wd; -K, --scale "
+                                "and --projection are VISPA's alone")
     method_lr: float = _setting(3e-4, "--method-lr", type=_number(float, low=0),
                                 help="--method bayesbinn or ste: the peak learning rate of the binary weights' own "
                                      "update (of lamda; Adam's on the latent weights), on the schedule of --lr "
@@ -167,6 +168,9 @@ class Config:
                             f"--method {self.method}'s")
         if self.method != "vispa" and not self.lr > 0:
             problems.append(f"--method {self.method} runs its --method-lr on the schedule of --lr: give --lr above 0")
+        if self.deployed_every_epoch and self.recalibrate == 0:
+            problems.append("--deployed-every-epoch evaluates the deployed network, whose BatchNorm statistics are "
+                            "recomputed on --recalibrate images: give --recalibrate above 0")
         if self.recalibrate == 1:
             problems.append("--recalibrate 1: BatchNorm statistics are computed on batches of at least 2 images; "
                             "give 2 or more, or 0 to keep the statistics of training")

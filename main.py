@@ -135,10 +135,16 @@ def parse_args(argv):
     parser = build_parser(RECIPES[chosen or DEFAULT_RECIPE])
     args = parser.parse_args(argv)
     cfg = from_args(args)
+    typed = settings_on_command_line(argv)
     if args.resume is None:  # a resumed or forked run's settings are its checkpoint's, checked there
         for problem in cfg.contradictions():
             parser.error(problem)
-    return args, cfg, settings_on_command_line(argv)
+    if args.resume is None and args.evaluate is None and args.export is None and cfg.method != "vispa":
+        vispas = [flag for name, flag in (("K", "-K"), ("scale", "--scale")) if name in typed]
+        if vispas:
+            parser.error(f"{' and '.join(vispas)}: the rank and scale of VISPA's covariance factor, which --method "
+                         f"{cfg.method} does not have; leave {'them' if len(vispas) > 1 else 'it'} out")
+    return args, cfg, typed
 
 
 def check_combinations(args):

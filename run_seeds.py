@@ -288,6 +288,10 @@ def parse(argv, env):
         cfg = config.from_args(settings.parse_args(main_args))
     except SystemExit:
         usage_error(f"a setting is not valid: {' '.join(main_args)}")
+    vispas = [variable for variable in ("K", "S") if env.get(variable, "") != ""]
+    if cfg.method != "vispa" and vispas:
+        usage_error(f"{' and '.join(vispas)}: the rank and scale of VISPA's covariance factor, which METHOD="
+                    f"{cfg.method} does not have; unset {'them' if len(vispas) > 1 else 'it'}")
     for problem in cfg.contradictions():
         usage_error(problem)
     if env.get("DATA_ROOT", "") != "":  # else main.py's default for the dataset

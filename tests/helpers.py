@@ -28,6 +28,18 @@ from utils.run_dir import BEST, CHECKPOINT, RunDir  # noqa: E402,F401
 TINY = ["--gpus", "cpu", "--model", "resnet18", "--width", "4", "-b", "64", "-L", "2", "-K", "2",
         "--warmup_epochs", "1", "--seed", "1", "--dataset", "cifar10"]
 
+
+
+def tiny_for(*extra):
+    """TINY for a run with the options ``extra``: without -K (VISPA's rank) where they
+    name a rival with --method, which refuses VISPA's settings."""
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "vispa"
+    if method == "vispa":
+        return list(TINY)
+    at = TINY.index("-K")
+    return TINY[:at] + TINY[at + 2:]
+
+
 # One thread per process (unless OMP_NUM_THREADS says how many): on a small machine shared
 # with other work, a second thread waiting for a busy core makes every step many times slower.
 THREADS = os.environ.get("OMP_NUM_THREADS") or "1"

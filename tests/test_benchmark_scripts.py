@@ -192,6 +192,13 @@ def test_bad_slot_is_refused(tmp_path, data_root):
     assert os.listdir(tmp_path) == []
 
 
+def test_vispas_settings_with_a_rival_are_refused_before_anything_starts(tmp_path, data_root):
+    result = benchmark("resnet18", tmp_path, data_root, METHOD="ste", GPUS="cpu")  # TINY sets K
+    assert result.returncode == 2
+    assert "K: the rank and scale of VISPA's covariance factor, which METHOD=ste does not have" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 ALL_SCRIPTS = {"benchmark_cifar100_resnet18_1W32A.sh": "resnet18_1w32a_cifar100",
                "benchmark_cifar100_vgg16_1W32A.sh": "vgg16_1w32a_cifar100",
                "benchmark/Benchmark_cifar10_resnet18_1w32a.sh": "resnet18_1w32a_cifar10",

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ENV, REPO, TINY, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main
+from helpers import ENV, REPO, assert_bit_identical, assert_clear_error, load_checkpoint, read_text, run_main, tiny_for
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -26,8 +26,9 @@ def torchrun(*args, timeout=300):
                           timeout=timeout)
 
 
-def tiny(data, results, save, epochs):
-    return [*TINY, "--data_root", data, "--results_dir", results, "--save", save, "--epochs", epochs]
+def tiny(data, results, save, epochs, method="vispa"):
+    return [*tiny_for("--method", method), "--data_root", data, "--results_dir", results, "--save", save, "--epochs",
+            epochs, "--method", method]
 
 
 def state(results, save):
@@ -44,7 +45,7 @@ def test_two_ranks_train_as_two_virtual_ranks_of_one_process(cifar10_root, tmp_p
     optimizer state, real parameters and running statistics, bit for bit, whichever
     method trains the binary weights."""
     results = tmp_path / "results"
-    args = lambda save: [*tiny(cifar10_root, results, save, 2), "--method", method]  # noqa: E731
+    args = lambda save: tiny(cifar10_root, results, save, 2, method)  # noqa: E731
     two = torchrun(*args("two"))
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 ranks x 1 virtual; 3 training steps per epoch" in read_text(results / "two.txt")

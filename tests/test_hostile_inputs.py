@@ -407,6 +407,19 @@ def test_a_warm_up_longer_than_the_run_is_refused(cifar10_root, tmp_path):
                                 watched=[tmp_path])
 
 
+@pytest.mark.parametrize("method", ["bayesbinn", "ste"])
+def test_vispas_settings_are_refused_for_a_rival_that_would_ignore_them(cifar10_root, tmp_path, method):
+    refused_by_the_command_line([*TINY, "--method", method, "--scale", 7, "--data_root", cifar10_root,
+                                 "--results_dir", tmp_path], f"-K and --scale: the rank and scale of VISPA's "
+                                f"covariance factor, which --method {method} does not have", watched=[tmp_path])
+
+
+def test_the_deployed_network_every_epoch_needs_images_for_its_statistics(cifar10_root, tmp_path):
+    refused_by_the_command_line([*TINY, "--deployed-every-epoch", "--recalibrate", 0, "--data_root", cifar10_root,
+                                 "--results_dir", tmp_path], "--deployed-every-epoch evaluates the deployed network",
+                                "give --recalibrate above 0", watched=[tmp_path])
+
+
 def test_too_few_images_for_the_deployed_networks_statistics_are_refused_at_the_start(cifar10_root, tmp_path):
     """BatchNorm in train mode cannot normalise a batch of one image: found before a run
     writes anything, not after its last epoch."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import (BEST, CHECKPOINT, TINY, CheckpointWatcher, assert_bit_identical, epoch_lines,
+from helpers import (BEST, CHECKPOINT, TINY, CheckpointWatcher, tiny_for, assert_bit_identical, epoch_lines,
                      load_checkpoint, metrics_without_seconds, read_text, run_main,
                      send_when_logged, start_main, temporary_files, tensors_of, watch,
                      without_seconds)
@@ -22,7 +22,7 @@ EPOCHS = 8
 
 def run_once(data, results, *extra, epochs=EPOCHS):
     """An uninterrupted run; returns what the interrupted ones are compared with."""
-    r = run_main(*TINY, "--epochs", epochs, "--data_root", data, "--results_dir", results,
+    r = run_main(*tiny_for(*extra), "--epochs", epochs, "--data_root", data, "--results_dir", results,
                  "--save", "run", *extra)
     assert r.returncode == 0, r.stdout + r.stderr
     return finished_run(results)
@@ -174,7 +174,7 @@ def test_signal_stops_with_a_resume_line_and_the_resumed_run_ends_exactly(
                 run_once(data, str(tmp_path / "reference"), *extra, epochs=epochs))
     results = str(tmp_path / "results")
     output = str(tmp_path / "stopped.txt")
-    process = start_main(*TINY, "--epochs", epochs, "--data_root", data, "--results_dir", results,
+    process = start_main(*tiny_for(*extra), "--epochs", epochs, "--data_root", data, "--results_dir", results,
                          "--save", "run", *extra, output=output)
     send_when_logged(process, output, rf"^Epoch {after}/", signum)
 
