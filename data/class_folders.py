@@ -97,6 +97,8 @@ def _read_image(path, size):
 
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit greyscale: its top 8 bits (a plain convert clips to white)
+                image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
             image = image.convert("RGB")
             width, height = image.size
             scale = size / min(width, height)

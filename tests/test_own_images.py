@@ -48,6 +48,21 @@ def test_an_image_is_resized_by_its_shorter_side_and_centre_cropped(tmp_path):
     assert images.shape == (2, 3, 16, 16) and bool((images >= 250).all())
 
 
+def test_a_16_bit_greyscale_image_keeps_its_shades(tmp_path):
+    """PNG and TIFF of 16 bits per pixel: the top 8 bits of each, not white wherever it
+    passes 255 (as a plain conversion to RGB would have it)."""
+    from PIL import Image
+    import numpy as np
+    shades = np.array([[1000, 30000], [50000, 65535]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
+    for split in ("train", "val"):
+        for name, kind in (("a", "png"), ("b", "tiff")):
+            os.makedirs(tmp_path / split / name)
+            Image.fromarray(shades).save(tmp_path / split / name / f"x.{kind}")
+    images, _ = DATASETS["imagefolder"].read(str(tmp_path), "train", 16)
+    for image in images:
+        assert torch.equal(image, torch.from_numpy((shades >> 8).astype(np.uint8)).expand(3, 16, 16))
+
+
 def test_a_run_trains_resumes_exactly_is_told_apart_from_other_images_and_exports(own_images, tmp_path):
     whole = tmp_path / "whole"
     r = run_main(*OWN, "--epochs", 3, "--data-root", own_images, "--results-dir", whole, "--save", "own")
