@@ -121,6 +121,10 @@ def writes_events(request, run) -> bool:
     return request.tensorboard or (request.mode in (RESUME, REWIND) and os.path.isdir(run.tensorboard))
 
 
+# What a fork cannot change: the network and the method whose state it goes on from.
+NETWORK_SETTINGS = ("model", "dataset", "width", "method", "K", "folder_classes", "folder_image_size")
+
+
 def open_run(request, cfg, on_command_line, device, world):
     """The run to train: (its config, its folder, the checkpoint it continues from and
     that file's path, or None, None for a new run). Refuses what would lose a run."""
@@ -139,6 +143,11 @@ def open_run(request, cfg, on_command_line, device, world):
                               f"{world.size}: resume it with as many (torchrun --nproc_per_node "
                               f"{len(resumed.ranks)}), so that every rank goes on with its own samples")
     if request.mode == FORK:  # a new run: the settings given change those of the file
+        fixed = conflicts(cfg, resumed.config, on_command_line, NETWORK_SETTINGS)
+        if fixed:
+            raise UsageError(f"--fork from {path}: {', '.join(fixed)}: a fork goes on from the checkpoint's network "
+                             f"and its {resumed.config.method} state, which these settings would change; leave them "
+                             f"out, or start a new run")
         forked = replace(resumed.config, **{key: getattr(cfg, key) for key in on_command_line})
         for problem in forked.contradictions():
             raise UsageError(f"--fork from {path}: {problem}")

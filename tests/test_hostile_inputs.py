@@ -469,6 +469,16 @@ def three_epochs(cifar10_root, tmp_path_factory):
     return results
 
 
+@pytest.mark.parametrize("change, named", [(["--method", "ste"], "method=ste (checkpoint: vispa)"),
+                                           (["--width", 8], "width=8 (checkpoint: 4)"),
+                                           (["-K", 4], "K=4 (checkpoint: 2)")], ids=["method", "width", "K"])
+def test_a_fork_keeps_the_network_and_the_method_it_goes_on_from(one_epoch, tmp_path, change, named):
+    results = tmp_path / "results"
+    shutil.copytree(one_epoch, results)
+    refused(["--resume", results / "run" / CHECKPOINT, "--fork", "--save", "new", "--epochs", 2, *change, "--gpus",
+             "cpu"], named, "a fork goes on from the checkpoint's network and its vispa state", watched=[results])
+
+
 def test_a_fork_gets_the_model_best_of_its_best_epoch(three_epochs, tmp_path):
     """The source's best epoch lies before the fork point: the fork gets a copy of the
     source's model_best, named as the new run, and the evaluate script reads it."""
