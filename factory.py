@@ -228,13 +228,17 @@ def open_network(path, cfg: Config, on_command_line, device) -> Loaded:
     except files.FileError as error:
         raise CheckpointError(str(error)) from None
     if checkpoint.is_ours(obj):
-        return _load_ours(checkpoint.from_file(obj, path, "evaluated"), path, cfg, on_command_line, device)
-    if obj.get("format") == packed.FORMAT:
-        return _load_exported(obj, path, cfg, on_command_line, device)
-    if path.endswith(".bnn"):
+        loaded = _load_ours(checkpoint.from_file(obj, path, "evaluated"), path, cfg, on_command_line, device)
+    elif obj.get("format") == packed.FORMAT:
+        loaded = _load_exported(obj, path, cfg, on_command_line, device)
+    elif path.endswith(".bnn"):
         raise CheckpointError(f"{path} is not an exported binary network (no format {packed.FORMAT!r}); export one "
                               f"with `python main.py --export CHECKPOINT --out FILE`")
-    return _load_released(obj, path, cfg, on_command_line, device)
+    else:
+        loaded = _load_released(obj, path, cfg, on_command_line, device)
+    for problem in loaded.cfg.contradictions():  # the file's settings with those typed for the evaluation
+        raise UsageError(problem)
+    return loaded
 
 
 def _asked(cfg, on_command_line, always=()):
@@ -307,6 +311,11 @@ def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
         model = packed.network_of(content, device)
     except packed.PackedError as error:
         raise CheckpointError(str(error)) from None
+    inapplicable = [flag for name, flag in (("K", "-K"), ("scale", "--scale"), ("method", "--method"),
+                                            ("recalibrate", "--recalibrate")) if name in on_command_line]
+    if inapplicable:
+        raise UsageError(f"{path} is an exported network, one network with the BatchNorm statistics it was exported "
+                         f"with: {' and '.join(inapplicable)} do not apply to it; leave them out")
     own = DATASETS[content["dataset"]].own_images
     saved = Config(model=content["model"], dataset=content["dataset"], width=content["width"],
                    folder_classes=content["num_classes"] if own else None,

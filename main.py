@@ -136,7 +136,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     cfg = from_args(args)
     typed = settings_on_command_line(argv)
-    if args.resume is None:  # a resumed or forked run's settings are its checkpoint's, checked there
+    if args.resume is None and args.evaluate is None and args.export is None:  # else: with the file's settings
         for problem in cfg.contradictions():
             parser.error(problem)
     if args.resume is None and args.evaluate is None and args.export is None and cfg.method != "vispa":

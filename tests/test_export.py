@@ -203,6 +203,14 @@ def test_what_is_not_an_export_is_refused(exports, cifar10_root, tmp_path):
     assert run_main("--evaluate", ours, "-L", 1, "--data_root", cifar10_root, "--gpus", "cpu").returncode == 0
 
 
+def test_settings_of_a_distribution_are_refused_for_an_exported_network(exports, cifar10_root):
+    """One network with the statistics it was exported with: no rank, scale, method or
+    recalibration to apply."""
+    trained = exports("resnet18")
+    assert_clear_error(run_main("--evaluate", trained["out"], "--data_root", cifar10_root, "--gpus", "cpu", "-K", 3,
+                                "--recalibrate", 100), "-K and --recalibrate do not apply to it; leave them out")
+
+
 def test_an_export_that_cannot_be_made_writes_nothing(exports, tmp_path):
     trained = exports("resnet18")
     before = folder_digest(tmp_path)
