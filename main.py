@@ -23,9 +23,12 @@ last good epoch stays); 128 + signal number after SIGINT / SIGTERM (the log says
 how to resume).
 """
 import argparse
+import glob
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import torch
 
@@ -196,7 +199,7 @@ def run_request(args) -> Request:
     mode = FORK if args.fork else REWIND if args.rewind else RESUME if args.resume is not None else NEW
     return Request(mode, name=args.save, results_dir=args.results_dir, source=args.resume or None,
                    start_over=args.overwrite, data_root=args.data_root, gpus=args.gpus, threads=args.threads,
-                   tensorboard=args.tensorboard)
+                   tensorboard=args.tensorboard, start_over_only_on=args.data_root if args.demo else None)
 
 
 DEMO = Config(model="resnet18", dataset="cifar10", width=12, epochs=6, batch_size=64,
@@ -205,13 +208,21 @@ DEMO = Config(model="resnet18", dataset="cifar10", width=12, epochs=6, batch_siz
 
 def demo(args):
     """A small setting that trains in about a minute on one CPU thread, on a generated
-    dataset in the CIFAR-10 format (written once into the results folder)."""
+    dataset in the CIFAR-10 format (written once into the results folder, whole or not
+    at all). It replaces the demo's earlier run, and no other run named "demo"."""
     from data.synthetic import write_structured_cifar
     args.gpus, args.save, args.overwrite = "cpu", "demo", True
     args.threads = args.threads or 1  # the same result on every machine, and no waiting for busy cores
     args.data_root = os.path.join(args.results_dir, "demo_data")
-    if not os.path.isdir(os.path.join(args.data_root, "cifar-10-batches-py")):
-        write_structured_cifar(args.data_root, "cifar10", num_train=2000, num_test=500, seed=0)
+    target = os.path.join(args.data_root, "cifar-10-batches-py")
+    if not os.path.isdir(target):
+        os.makedirs(args.data_root, exist_ok=True)
+        for left in glob.glob(os.path.join(args.data_root, ".writing.*")):  # by a demo killed while writing
+            shutil.rmtree(left, ignore_errors=True)
+        staging = tempfile.mkdtemp(prefix=".writing.", dir=args.data_root)
+        write_structured_cifar(staging, "cifar10", num_train=2000, num_test=500, seed=0)
+        os.rename(os.path.join(staging, "cifar-10-batches-py"), target)
+        shutil.rmtree(staging)
     return DEMO
 
 

@@ -54,6 +54,7 @@ class Request:
     results_dir: str = "./results"
     source: str = None
     start_over: bool = False     # --overwrite: a new run replaces one already in its folder
+    start_over_only_on: str = None  # --demo: ... only one trained on this data folder (the demo's own run)
     data_root: str = None
     gpus: str = None             # for the command line that resumes the run
     threads: int = None          # typed on the command line
@@ -114,6 +115,13 @@ def refuse_to_start_over(request, run):
     if run.holds_run() and not request.start_over:
         raise UsageError(f"{run.folder} already holds a run: continue it with --resume {run.folder}, "
                          f"start it over with --overwrite, or choose another --save")
+    if run.holds_run() and request.start_over_only_on:
+        trained_on = next((fields["data_root"] for fields in map(checkpoint.peek, (run.checkpoint, run.best))
+                           if fields and fields.get("data_root")), None)
+        if not (trained_on and os.path.abspath(trained_on) == os.path.abspath(request.start_over_only_on)):
+            where = trained_on or "data its checkpoints do not name"
+            raise UsageError(f"{run.folder} holds a run that is not the demo's (trained on {where}): --demo replaces "
+                             f"only its own earlier run; move that run, or give --results-dir another folder")
 
 
 def writes_events(request, run) -> bool:

@@ -1,13 +1,15 @@
 """main.py end to end, in subprocesses, on small generated datasets in the CIFAR
 on-disk format."""
 import json
+import os
 import re
 
 import pytest
 import torch
 
 from config import Config
-from helpers import ENV, TINY, epoch_lines, load_checkpoint, metrics_without_seconds, run_main
+from helpers import (ENV, TINY, assert_clear_error, epoch_lines, folder_digest, load_checkpoint, metrics_without_seconds,
+                     run_main)
 from models import build_model, is_binary
 from utils.run_dir import RunDir
 
@@ -146,8 +148,11 @@ def test_demo_learns_far_above_chance(tmp_path):
     class structure (10 classes, chance = 10%), on one CPU thread whatever the machine
     has (OMP_NUM_THREADS unset), so that its result does not depend on the cores."""
     env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.makedirs(tmp_path / "demo_data" / ".writing.x1")  # a demo killed while it wrote its data
+    (tmp_path / "demo_data" / ".writing.x1" / "data_batch_1").write_bytes(b"half")
     out = run_main("--demo", "--results_dir", tmp_path, timeout=900, env=env)
     assert out.returncode == 0, out.stderr
+    assert os.listdir(tmp_path / "demo_data") == ["cifar-10-batches-py"]
     log = open(tmp_path / "demo.txt").read().splitlines()
     best = BEST.match(log[-1])
     assert best and float(best.group(1)) >= 60.0, best and best.group(0)
@@ -171,6 +176,16 @@ def test_demo_learns_far_above_chance(tmp_path):
     prec1, prec5, calibration = re.fullmatch(r"Prec@1 (\S+)  Prec@5 (\S+)  (NLL .*)", figures).groups()
     assert f"Calibration: {calibration}\n" in deployed.stdout
     assert f"Prec@1 {prec1}  Prec@5 {prec5}  (the deployed network sign(M))" in deployed.stdout
+
+
+def test_the_demo_replaces_its_own_earlier_run_and_no_other_run_named_demo(cifar10_root, tmp_path):
+    results = tmp_path / "results"
+    mine = tiny_run(cifar10_root, results, "demo")
+    assert mine.returncode == 0, mine.stderr
+    before = folder_digest(results / "demo")
+    refused = run_main("--demo", "--results_dir", results)
+    assert folder_digest(results / "demo") == before
+    assert_clear_error(refused, "holds a run that is not the demo's (trained on", "--demo replaces only its own")
 
 
 def test_help_explains_every_option_with_its_default():
