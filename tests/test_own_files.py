@@ -206,6 +206,8 @@ def test_a_run_of_an_earlier_version_without_a_record_is_resumed(one_epoch, tmp_
     """Its log and checkpoint carry the same run id: that, and nothing less, makes its files its own."""
     results, run = resumable(one_epoch, tmp_path)
     os.remove(os.path.join(run.folder, RECORD))
+    with open(run.config, "w") as f:  # the settings of its checkpoint (resumable sets it to go on)
+        json.dump(load_checkpoint(run.checkpoint)["config"], f)
     r = run_main("--resume", run.folder, "--gpus", "cpu")
     assert r.returncode == 0, r.stderr
     assert os.path.exists(os.path.join(run.folder, RECORD))
@@ -213,6 +215,24 @@ def test_a_run_of_an_earlier_version_without_a_record_is_resumed(one_epoch, tmp_
     os.remove(run.log)
     refused(["--resume", run.folder, "--gpus", "cpu"], "checkpoint.pth.tar exists and was not written by a run",
             watched=[results])
+
+
+@pytest.mark.parametrize("name", [BEST, "config.json"])
+def test_in_a_run_without_a_record_a_file_that_only_looks_like_the_runs_is_foreign(one_epoch, cifar10_root, tmp_path,
+                                                                                 name):
+    """A copy made without hidden files (cp -r run/* there) has no record: a checkpoint is
+    the run's only if it carries the run's id, its settings only if they are its
+    checkpoint's."""
+    results, run = resumable(one_epoch, tmp_path)
+    os.remove(os.path.join(run.folder, RECORD))
+    mine = os.path.join(run.folder, name)
+    if name == BEST:
+        torch.save({"w": torch.randn(10)}, mine)
+    else:
+        with open(mine, "w") as f:
+            json.dump({"my": "settings"}, f)
+    refused([*TINY, "--epochs", 1, "--data_root", cifar10_root, "--results_dir", results, "--save", "run",
+             "--overwrite"], f"{name} exists and was not written by a run", watched=[results])
 
 
 # ---- 4, 5: the one-file outputs ---------------------------------------------------------------------------

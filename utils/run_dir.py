@@ -207,8 +207,11 @@ class RunDir:
         if logged is None or logged not in (_run_id_of(self.checkpoint), _run_id_of(self.best)):
             return None
         record = Manifest(self.folder, self.name, logged)
-        looks_ours = ((self.log, _is_a_log), (self.metrics, _is_metrics), (self.config, _is_settings),
-                      (self.checkpoint, _is_checkpoint), (self.best, _is_checkpoint))
+        settings = _field_of(self.checkpoint, "config") or _field_of(self.best, "config")
+        carries_the_id = lambda path: _run_id_of(path) == logged  # noqa: E731
+        looks_ours = ((self.log, _is_a_log), (self.metrics, _is_metrics),
+                      (self.config, lambda path: settings is not None and _settings_in(path) == settings),
+                      (self.checkpoint, carries_the_id), (self.best, carries_the_id))
         found = [path for path, test in looks_ours if _regular(path) and test(path)]
         found += [path for path in self.events() if _regular(path) and ".tfevents." in os.path.basename(path)]
         record.entries = {record._key(path): [identity_of(path)] for path in found}
@@ -475,14 +478,19 @@ def _is_a_lock(path):
         return False
 
 
-def _run_id_of(checkpoint_path):
-    """The run id a checkpoint of ours carries (its plain fields only), or None."""
+def _field_of(checkpoint_path, name):
+    """A plain field of a checkpoint of ours (read without its tensors), or None."""
     if not os.path.isfile(checkpoint_path):
         return None
     try:
-        found = load(checkpoint_path, mmap=True).get("run_id")
+        return load(checkpoint_path, mmap=True).get(name)
     except FileError:
         return None
+
+
+def _run_id_of(checkpoint_path):
+    """The run id a checkpoint of ours carries, or None."""
+    found = _field_of(checkpoint_path, "run_id")
     return found if isinstance(found, str) else None
 
 
@@ -499,17 +507,13 @@ def _is_metrics(path):
     return _first_line(path).startswith("epoch,lr,train_loss,")  # this version's columns, or an older one's
 
 
-def _is_settings(path):
+def _settings_in(path):
+    """The settings a config.json holds, or None."""
     try:
         with open(path) as f:
-            return isinstance(json.load(f), dict)
+            return json.load(f)
     except (OSError, ValueError):
-        return False
-
-
-def _is_checkpoint(path):
-    with open(path, "rb") as f:
-        return f.read(2) == b"PK"  # torch's zip format; what it holds is checked when it is read
+        return None
 
 
 def _last_line(path):
