@@ -113,7 +113,7 @@ def evaluate(request: Evaluation, device=torch.device("cpu"), world=distributed.
         if deployed is not None:
             print(deployed_line(deployed))
     if request.predictions:
-        write_predictions(request.predictions, val, mean, deployed, world)
+        write_predictions(request, val, mean, deployed, world)
     if outside is not None:
         far = engine.evaluate(loaded.model, loaded.opt, progress(outside, f"{request.ood} L={cfg.L}"), cfg.L, cfg.bf16,
                               None, keep=True)
@@ -148,9 +148,10 @@ def gathered(result, world):
     return {k: torch.cat([part[k] for part in parts]) for k in keys}
 
 
-def write_predictions(path, val, mean, deployed, world):
+def write_predictions(request, val, mean, deployed, world):
     """``--predictions``: the probabilities of the predictive, the mean network and the
     deployed network, and the labels, as plain data (rank 0 writes the whole test set's)."""
+    path = request.predictions
     val, mean = gathered(val, world), gathered(mean, world)
     deployed = gathered(deployed, world) if deployed is not None else None
     if world.main:
@@ -158,7 +159,9 @@ def write_predictions(path, val, mean, deployed, world):
                    "logits": val["logits"], "nll": val["image_nll"], "mean_nll": mean["image_nll"]}
         if deployed is not None:
             content.update(deployed_probs=deployed["probs"], deployed_nll=deployed["image_nll"])
-        predictions.write(content, path)
+        new = check_output(path, request.overwrite, predictions.is_predictions, "--predictions",
+                           "a file of predictions")  # again, after the evaluation: still free?
+        predictions.write(content, path, new_only=new)
         print(f"Predictions of the {len(val['labels'])} test images written to {path}")
 
 
@@ -259,7 +262,9 @@ def export(request: Export) -> int:
         statistics = {"source": "recomputed", "images": used}
     source = f"{request.path} ({loaded.source})"
     data_root = os.path.abspath(folder.path) if loaded.trained_on or request.data_root else None
-    packed.save(factory.exported_network(loaded, source, statistics, data_root), request.out)
+    content = factory.exported_network(loaded, source, statistics, data_root)
+    new = check_output(request.out, request.overwrite, is_exported_network, "--out", "an exported network")  # again
+    packed.save(content, request.out, new_only=new)
     size = os.path.getsize(request.out)
     full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
                for t in loaded.model.state_dict().values())

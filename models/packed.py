@@ -123,9 +123,10 @@ def checked(obj: dict, path) -> dict:
     return obj
 
 
-def save(content: dict, path: str):
-    """Write ``pack``'s content atomically, with its digest (FileError if it cannot be written)."""
-    files.save_atomic(files.with_digest(content), path)
+def save(content: dict, path: str, new_only=False):
+    """Write ``pack``'s content atomically, with its digest (FileError if it cannot be written;
+    ``new_only``: nor over a file that is there)."""
+    files.save_atomic(files.with_digest(content), path, new_only=new_only)
 
 
 def _problem(obj):

@@ -19,7 +19,7 @@ import torch
 from helpers import (resumable_copy, ENV, REPO, TINY, assert_clear_error, folder_digest, load_checkpoint, metrics_without_seconds,
                      read_text, rewrite_as_the_run, run_main)
 from utils.manifest import NAME as RECORD
-from utils.run_dir import BEST, CHECKPOINT, RunDir
+from utils.run_dir import BEST, CHECKPOINT, NotOurs, RunDir
 
 
 def refused(command, *fragments, watched, env=None):
@@ -236,6 +236,43 @@ def test_in_a_run_without_a_record_a_file_that_only_looks_like_the_runs_is_forei
 
 
 # ---- 4, 5: the one-file outputs ---------------------------------------------------------------------------
+
+def test_a_new_file_is_never_written_over_one_that_appeared_meanwhile(tmp_path):
+    from utils.files import FileError, write_atomic
+    path = tmp_path / "out.bin"
+    write_atomic(str(path), lambda f: f.write(b"new"), new_only=True)
+    assert path.read_bytes() == b"new"
+    path.write_bytes(b"the user's")
+    with pytest.raises(FileError, match="File exists"):
+        write_atomic(str(path), lambda f: f.write(b"newer"), new_only=True)
+    assert path.read_bytes() == b"the user's" and sorted(os.listdir(tmp_path)) == ["out.bin"]
+
+
+def test_a_users_file_that_appears_while_an_export_works_is_kept(one_epoch, tmp_path, monkeypatch):
+    """--out is checked at the start and again when the network is written: an export
+    recalibrates for minutes, and a file may appear there meanwhile."""
+    import evaluate
+    import factory
+    out = tmp_path / "model.bnn"
+    made = factory.exported_network
+
+    def while_it_works(*args, **kwargs):
+        out.write_bytes(b"the user's model")
+        return made(*args, **kwargs)
+    monkeypatch.setattr(factory, "exported_network", while_it_works)
+    with pytest.raises(NotOurs, match="model.bnn exists: choose another --out"):
+        evaluate.export(evaluate.Export(str(one_epoch / "run" / BEST), str(out)))
+    assert out.read_bytes() == b"the user's model" and os.listdir(tmp_path) == ["model.bnn"]
+
+
+def test_no_output_goes_into_the_tensorboard_folder_of_a_run(one_epoch, tmp_path):
+    """A run replaces the event files in its tb/: a file of another command there would be lost."""
+    results = tmp_path / "results"
+    shutil.copytree(one_epoch, results)
+    os.makedirs(results / "run" / "tb")
+    refused(["--export", results / "run" / BEST, "--out", results / "run" / "tb" / "events.out.tfevents.000030.vispa",
+             "--gpus", "cpu"], "is in the TensorBoard folder of the run", watched=[results])
+
 
 def test_predictions_never_replace_a_users_torch_file(one_epoch, tmp_path):
     user = tmp_path / "user.pt"

@@ -12,6 +12,7 @@ which their readers verify (``verify_digest``): a file damaged on disk or in a c
 refused, not silently evaluated or resumed. A digest is a checksum, not a schema: what
 each field may hold is checked by the file's owner (``checkpoint.py``, ``models/packed.py``).
 """
+import errno
 import hashlib
 import os
 import pickle
@@ -117,13 +118,14 @@ def temporary_name(path: str) -> str:
                         f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
 
 
-def write_atomic(path: str, fill, owner=None):
+def write_atomic(path: str, fill, owner=None, new_only=False):
     """Write a new file at ``path``: ``fill(f)`` writes its bytes into a temporary file in
     the same folder, which is flushed to disk and renamed over ``path``, so ``path`` is
     always the old or the new file, whole, and a file that shares the old one's content
     under another name (a hard link) keeps it. ``owner`` (the record of a run,
     ``utils/manifest.py``) learns the new file's identity before the rename. A failed
-    write removes the temporary file and raises FileError."""
+    write removes the temporary file and raises FileError. ``new_only``: a file that
+    appeared at ``path`` meanwhile is never replaced (FileError instead)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         tmp = temporary_name(path)
@@ -141,7 +143,10 @@ def write_atomic(path: str, fill, owner=None):
             os.fsync(f.fileno())
         if owner is not None:
             owner.expect(path, tmp, writer.size, writer.sha256.hexdigest())
-        os.replace(tmp, path)
+        if new_only:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as error:
         try:
             os.unlink(tmp)
@@ -159,9 +164,24 @@ def write_atomic(path: str, fill, owner=None):
         owner.settle(path)
 
 
-def save_atomic(obj, path: str, owner=None):
+def _link_new(tmp, path):
+    """Give ``tmp`` the name ``path`` unless a file has it (FileExistsError): a hard link
+    fails where the name exists, where a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: the same, but not atomic
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def save_atomic(obj, path: str, owner=None, new_only=False):
     """``torch.save(obj)`` to ``path`` by ``write_atomic``."""
-    write_atomic(path, lambda f: torch.save(obj, f), owner)
+    write_atomic(path, lambda f: torch.save(obj, f), owner, new_only)
 
 
 def write_text_atomic(text: str, path: str, owner=None):

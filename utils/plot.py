@@ -248,7 +248,8 @@ def main(argv=None):
         groups = groups_of(args.runs)
         content = predictions_file.read(args.predictions) if args.predictions else None
         image = draw(groups, args.out, content, os.path.basename(args.predictions or ""))
-        write_atomic(args.out, lambda f: f.write(image))
+        new = check_output(args.out, args.overwrite, is_our_plot, "--out", "a plot")  # again: still free?
+        write_atomic(args.out, lambda f: f.write(image), new_only=new)
     except (Refused, NotOurs, FileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

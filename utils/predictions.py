@@ -24,8 +24,8 @@ NEEDED = ("probs", "mean_probs", "labels")
 ROUNDING = 1e-4
 
 
-def write(content: dict, path: str):
-    save_atomic(with_digest(dict(content, format=FORMAT, version=VERSION)), path)
+def write(content: dict, path: str, new_only=False):
+    save_atomic(with_digest(dict(content, format=FORMAT, version=VERSION)), path, new_only=new_only)
 
 
 def is_predictions(path: str) -> bool:

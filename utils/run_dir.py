@@ -415,7 +415,9 @@ def check_output(path: str, overwrite: bool, is_ours, what: str, kind: str):
     a folder that exists, or with ``overwrite`` a file that ``is_ours(path)`` recognises
     as ``kind``, one this program writes (its format and digest); never a link, a
     folder, a file of a run or a name a run uses in its folder, nor anything in the folder
-    of a run being trained. The file is then written by ``utils.files.write_atomic``."""
+    of a run being trained. True where ``path`` is a new file. Checked again just before the
+    file is written by ``utils.files.write_atomic`` (minutes may have passed), with
+    ``new_only`` where it is new, so that a file that appeared meanwhile is kept."""
     if not path:
         raise NotOurs(f"{what} needs a file name, got an empty one (an unset shell variable?)")
     folder = os.path.dirname(os.path.abspath(path))
@@ -432,6 +434,10 @@ def check_output(path: str, overwrite: bool, is_ours, what: str, kind: str):
     if (in_run_folder and name in RUN_FILE_NAMES) or \
             (log_of is not None and (os.path.lexists(os.path.join(log_of.folder, NAME)) or log_of.holds_run())):
         raise NotOurs(f"{what} {path} is a file of a run: choose another")
+    above = os.path.dirname(folder)
+    if os.path.basename(folder) == "tb" and any(os.path.lexists(os.path.join(above, n)) for n in (LOCK, NAME)):
+        raise NotOurs(f"{what} {path} is in the TensorBoard folder of the run {above}, whose files it replaces: "
+                      f"choose another folder")
     if holder.in_use():
         raise NotOurs(f"{folder} is the folder of a run being trained now: write {what} elsewhere, or wait")
     if os.path.lexists(path):
@@ -440,6 +446,8 @@ def check_output(path: str, overwrite: bool, is_ours, what: str, kind: str):
         if not is_ours(path):
             raise NotOurs(f"{path} exists and is not {kind} this program wrote (or was changed since): --overwrite "
                           f"replaces only those; move it, or choose another {what}")
+        return False
+    return True
 
 
 def run_dir_of(checkpoint_or_folder: str) -> RunDir:
