@@ -513,7 +513,8 @@ def best_of_source(run, resumed, path, run_id, cfg):
     has it (a rewound run keeps its own; a fork gets a copy, named as the new run)."""
     source = run_dir_of(path)
     fields = checkpoint.peek(source.best)
-    if not fields or fields["epoch"] != resumed.best_epoch or fields["run"] != resumed.run:
+    if not fields or fields["epoch"] != resumed.best_epoch or fields["run"] != resumed.run or \
+            fields["run_id"] != resumed.run_id:  # of the same run, not of another of the same name
         return False
     if os.path.abspath(source.best) != os.path.abspath(run.best):
         best = checkpoint.read(source.best, purpose="forked")

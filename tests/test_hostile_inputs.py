@@ -506,6 +506,20 @@ def test_a_fork_whose_source_has_no_model_best_counts_its_best_from_the_fork(thr
     assert state["best_epoch"] in (3, 4) and load_checkpoint(results / "fork" / BEST)["epoch"] == state["best_epoch"]
 
 
+def test_a_fork_takes_no_model_best_of_another_run_of_the_same_name(three_epochs, tmp_path):
+    """A model_best of the best epoch and the run's name, copied in from another run (its
+    id differs): the fork does not take that network for its best."""
+    results = tmp_path / "results"
+    shutil.copytree(three_epochs, results)
+    other = load_checkpoint(results / "src" / BEST)
+    checkpoint.write(dict(other, run_id="another0run"), str(results / "src" / BEST))
+    r = run_main("--resume", results / "src" / CHECKPOINT, "--fork", "--save", "fork", "--epochs", 4,
+                 "--results_dir", results, "--gpus", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "The best epoch 1 has no model_best.pth.tar here to go with it" in r.stdout
+    assert load_checkpoint(results / "fork" / BEST)["run"] == "fork"
+
+
 # ---- 14: the benchmark scripts' runner ----------------------------------------------------------------
 
 SCRIPT = "benchmark_cifar100_resnet18_1W32A.sh"
