@@ -25,7 +25,8 @@ Versions:
   it was not evaluated, and in the rows of older files).
 - 6: a run on images of one's own holds its class names (``classes``, in the order of
   the labels), so that a data folder with other classes is refused instead of read with
-  shifted labels; None for the paper's datasets and in older files.
+  shifted labels; None for the paper's datasets and in older files. Every run holds its
+  training steps per epoch (``steps``), so that a resume on other data is refused.
 """
 import math
 from dataclasses import dataclass, replace
@@ -66,6 +67,7 @@ class Checkpoint:
     data_root: str = None         # the folder the run reads its dataset from
     threads: int = None           # the CPU threads it computes with
     classes: list = None          # images of one's own: the class folders' names, label by label
+    steps: int = None             # training steps per epoch (of each rank)
     version: int = VERSION
 
     def to_file(self) -> dict:
@@ -156,8 +158,9 @@ def _migrated(obj, version, path, purpose):
     if version <= 4 and isinstance(obj.get("history"), list):  # rows from before the deployed network
         obj["history"] = [dict({key: None for key in DEPLOYED_FIELDS}, **row) if isinstance(row, dict) else row
                           for row in obj["history"]]
-    if version <= 5:  # no class names
+    if version <= 5:  # no class names, no steps per epoch
         obj.setdefault("classes", None)
+        obj.setdefault("steps", None)
     if version <= 2:  # no identity, no thread count; the evaluation draws were a generator's state
         obj.setdefault("run_id", None)
         obj.setdefault("threads", None)
@@ -222,10 +225,13 @@ def _checked(obj, path, version) -> Checkpoint:
                                     and all(isinstance(c, str) and c for c in classes)
                                     and len(set(classes)) == len(classes)):
         raise bad(f"its class names are not {config.num_classes} different names")
+    steps = obj.get("steps")
+    if steps is not None and not (_is_int(steps) and steps >= 1):
+        raise bad(f"its steps per epoch {steps!r} are not a whole number from 1")
     return Checkpoint(config=config, run=obj["run"], run_id=obj["run_id"], epoch=epoch, model=obj["model"],
                       optimizer=optimizer, best_prec1=float(obj["best_prec1"]), best_epoch=obj["best_epoch"],
                       history=obj["history"], ranks=obj["ranks"], log_offset=obj["log_offset"],
-                      data_root=obj.get("data_root"), threads=obj["threads"], classes=classes)
+                      data_root=obj.get("data_root"), threads=obj["threads"], classes=classes, steps=steps)
 
 
 def _check_history(history, epoch, bad):

@@ -338,6 +338,11 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
     problem = factory.class_problem(cfg, folder)
     shards = [world.rank * cfg.virtual_ranks + k for k in range(cfg.virtual_ranks)]
     steps = len(train_batches) // len(shards)
+    if request.mode in (RESUME, REWIND) and resumed.steps is not None and steps != resumed.steps:
+        raise folder.explain(DatasetError(
+            f"the training set in {folder.path} gives {steps} steps per epoch, and the run took {resumed.steps}: it "
+            f"is not the data the run was trained on, and the run would not go on exactly; give --data-root the "
+            f"run's data (or --fork a new run to train on other data)"))
     model, opt = factory.build(cfg, device, images_per_epoch=steps * cfg.batch_size * world.size * len(shards))
     ranks = engine.Ranks(generators=[seeds.generator(device, cfg.seed, "draws", g) for g in shards],
                          average=(lambda grads: distributed.average_(grads, world)) if world.several else None,
@@ -375,7 +380,7 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                           history=record.history, ranks=distributed.gather(rank_state(train_batches, ranks, device),
                                                                            world),
                           log_offset=log.offset, data_root=os.path.abspath(folder.path),
-                          threads=torch.get_num_threads(), classes=classes)
+                          threads=torch.get_num_threads(), classes=classes, steps=steps)
 
     fresh = resumed is None or os.path.abspath(path) != run.checkpoint  # new, forked or rewound
     if fresh and 0 < record.best_epoch < start:  # the best epoch lies before the starting point

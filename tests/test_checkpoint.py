@@ -38,7 +38,7 @@ def version6(**changes):
                "optimizer": {"state": {0: {"M": torch.ones(2, 2)}}, "param_groups": [{"params": [0]}]},
                "best_prec1": 51.5, "best_epoch": 1, "history": [row(1), row(2)],
                "ranks": [{"rng": torch.zeros(3, dtype=torch.uint8)}], "log_offset": 120, "data_root": "/data",
-               "threads": 2, "classes": None, "version": 6}
+               "threads": 2, "classes": None, "steps": 5, "version": 6}
     content.update(changes)
     return content
 
@@ -46,7 +46,7 @@ def version6(**changes):
 def version5(**changes):
     """Format 5: no class names."""
     content = version6(version=5)
-    del content["classes"]
+    del content["classes"], content["steps"]
     content.update(changes)
     return content
 
@@ -103,7 +103,7 @@ def test_a_current_file_reads_back_field_by_field():
     assert state.config == settings()
     assert (state.run, state.run_id, state.epoch, state.best_prec1, state.best_epoch) == ("r18", "a1b2c3", 2, 51.5, 1)
     assert state.history == [row(1), row(2)] and state.log_offset == 120
-    assert (state.data_root, state.threads, state.classes, state.version) == ("/data", 2, None, 6)
+    assert (state.data_root, state.threads, state.classes, state.steps, state.version) == ("/data", 2, None, 5, 6)
     assert torch.equal(state.model["conv.weight"], torch.ones(2, 2))
     assert torch.equal(state.ranks[0]["rng"], torch.zeros(3, dtype=torch.uint8))
 
@@ -308,6 +308,8 @@ BAD = [
     (dict(threads=1025), "its thread count 1025 is not a whole number from 1 to 1024"),
     (dict(threads=2.0), "its thread count 2.0 is not a whole number from 1 to 1024"),
     # the class names (of images of one's own)
+    (dict(steps=0), "its steps per epoch 0 are not a whole number from 1"),
+    (dict(steps=2.5), "its steps per epoch 2.5 are not a whole number from 1"),
     (dict(classes="cat"), "its class names are not 100 different names"),
     (dict(classes=["cat", "dog"]), "its class names are not 100 different names"),
     (dict(classes=["cat"] * 100), "its class names are not 100 different names"),

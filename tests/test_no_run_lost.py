@@ -117,6 +117,20 @@ def test_a_resumed_run_reads_its_data_from_where_it_was_trained(finished, cifar1
     assert r.returncode == 0 and "Test: loss" in r.stdout, r.stderr
 
 
+def test_a_resume_on_other_data_is_refused_and_a_fork_may_train_on_it(finished, tmp_path):
+    """Other training images give other steps per epoch, another schedule: not the run."""
+    results, run = copy_run(finished, tmp_path)
+    state = load_checkpoint(run.checkpoint)
+    rewrite_as_the_run(dict(state, config=dict(state["config"], epochs=4)), run.checkpoint)
+    bigger = tmp_path / "bigger"
+    write_cifar(str(bigger), "cifar10", *structured_images(600, 100, 10, seed=1))
+    refused(["--resume", run.folder, "--gpus", "cpu", "--data_root", bigger],
+            f"the training set in {bigger} gives 10 steps per epoch, and the run took 5", watched=[results])
+    r = run_main("--resume", run.checkpoint, "--fork", "--save", "on_more", "--data_root", bigger, "--gpus", "cpu",
+                 "--results_dir", results)
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_copy_kept_elsewhere_is_not_resumed_beside_an_unrelated_file(finished, cifar10_root, tmp_path):
     """elsewhere/backup/checkpoint.pth.tar with elsewhere/backup.txt beside its folder:
     resuming it would write its log into backup.txt."""
