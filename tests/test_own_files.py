@@ -114,6 +114,19 @@ def test_a_file_named_tb_stops_an_overwrite_before_anything_is_deleted(one_epoch
             watched=[results])
 
 
+def test_an_event_file_half_written_when_a_run_was_killed_is_a_leftover(cifar10_root, tmp_path):
+    """A kill while an epoch's events were written leaves their temporary file in tb/: the
+    next start removes it, as it removes those of the run's other files."""
+    pytest.importorskip("tensorboard")
+    results = tmp_path / "results"
+    assert run_main(*new_run(cifar10_root, results, "run", "--tensorboard")).returncode == 0
+    leftover = results / "run" / "tb" / ".events.out.tfevents.000002.vispa.0123456789ab.tmp"
+    leftover.write_bytes(b"half an event file")
+    r = run_main(*new_run(cifar10_root, results, "run", "--tensorboard", "--overwrite"))
+    assert r.returncode == 0, r.stderr
+    assert not leftover.exists()
+
+
 def test_tensorboard_never_writes_through_a_linked_folder(cifar10_root, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -237,8 +237,9 @@ class RunDir:
             raise NotOurs(f"{self.tensorboard} is {'a symbolic link' if os.path.islink(self.tensorboard) else 'not a folder'}: "
                           f"a run writes its TensorBoard events into a folder tb/ of its own; move it, or choose "
                           f"another --save")
+        leftovers = set(self._leftovers())  # of a write that was killed: removed when the run starts
         for path in self.files():
-            if os.path.lexists(path) and not (record is not None and record.owns(path)):
+            if os.path.lexists(path) and path not in leftovers and not (record is not None and record.owns(path)):
                 raise NotOurs(foreign(path, "a run"))
         lock = os.path.join(self.folder, LOCK)
         if os.path.lexists(lock) and not _is_a_lock(lock):
@@ -336,10 +337,11 @@ class RunDir:
             places.append((self.tensorboard, None))
         found = []
         for folder, wanted in places:
-            for name in os.listdir(folder):
+            for name in (os.listdir(folder) if os.path.isdir(folder) else []):
                 match = TEMPORARY.fullmatch(name)
                 path = os.path.join(folder, name)
-                if match and (wanted is None or match.group("name") in wanted) and _regular(path):
+                if match and (match.group("name").startswith("events.out.tfevents.") if wanted is None else
+                              match.group("name") in wanted) and _regular(path):
                     found.append(path)
         return found
 
