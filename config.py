@@ -39,6 +39,11 @@ def _number(kind, low=None, above=None, high=None):
     return parse
 
 
+# The largest rate, weight decay or temperature taken: far above any that trains, and far
+# below float32's range, where a step would end in a traceback rather than a divergence.
+LARGEST = 1e6
+
+
 def _model_name(text):
     try:
         return canonical_name(text)
@@ -73,9 +78,9 @@ class Config:
     eval_batch_size: int = _setting(1000, "--eval-batch-size", type=_number(int, low=1),
                                     help="test batch size; evaluation uses BatchNorm's running "
                                          "statistics, so it computes the same function for any value")
-    lr: float = _setting(0.1, "--lr", type=_number(float, low=0), help="peak learning rate")
-    momentum: float = _setting(0.9, "--momentum", type=_number(float, low=0), help="SGD momentum")
-    wd: float = _setting(5e-4, "--wd", type=_number(float, low=0),
+    lr: float = _setting(0.1, "--lr", type=_number(float, low=0, high=LARGEST), help="peak learning rate")
+    momentum: float = _setting(0.9, "--momentum", type=_number(float, low=0, high=LARGEST), help="SGD momentum")
+    wd: float = _setting(5e-4, "--wd", type=_number(float, low=0, high=LARGEST),
                          help="weight decay (on M, Z and the real parameters)")
     lr_decay: str = _setting("cos", "--lr-decay", choices=["cos", "constant"],
                              help="after the warm-up: cosine to 0 per iteration, or constant")
@@ -88,11 +93,11 @@ class Config:
                                 "estimator with Adam and clipping to [-1, 1] (BayesBiNN's baseline). The real "
                                 "parameters are trained alike by SGD with --lr, --momentum and --wd; -K, --scale "
                                 "and --projection are VISPA's alone")
-    method_lr: float = _setting(3e-4, "--method-lr", type=_number(float, low=0),
+    method_lr: float = _setting(3e-4, "--method-lr", type=_number(float, low=0, high=LARGEST),
                                 help="--method bayesbinn or ste: the peak learning rate of the binary weights' own "
                                      "update (of lamda; Adam's on the latent weights), on the schedule of --lr "
                                      "(the BayesBiNN authors' CIFAR value)")
-    temperature: float = _setting(1e-8, "--temperature", type=_number(float, above=0),
+    temperature: float = _setting(1e-8, "--temperature", type=_number(float, low=1e-30, high=LARGEST),
                                   help="--method bayesbinn: the temperature of its relaxed training samples (the "
                                        "BayesBiNN authors' CIFAR-100 value)")
     K: int = _setting(8, "-K", type=_number(int, low=0),

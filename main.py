@@ -40,7 +40,7 @@ from training import FORK, NEW, RESUME, REWIND, Request, train
 from utils import distributed, environment, threads
 from utils.files import FileError
 from utils.tensorboard import Unavailable
-from utils.run_dir import EXIT_ERROR, NotOurs, RunInUse, exit_stopped, valid_run_name
+from utils.run_dir import EXIT_ERROR, MAX_NAME_BYTES, NotOurs, RunInUse, exit_stopped, valid_run_name
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def check_combinations(args):
     if args.resume is not None and args.recipe is not None:
         raise UsageError("a resumed run keeps the settings of its checkpoint: leave --recipe out")
     if args.save is not None and not valid_run_name(args.save):
-        raise UsageError(f"--save takes a run name (a folder name in --results-dir, printable, without '/' and "
-                         f"not starting with '.'), got {args.save!r}")
+        raise UsageError(f"--save takes a run name (a folder name in --results-dir, printable, without '/', not "
+                         f"starting with '.', at most {MAX_NAME_BYTES} bytes), got {args.save!r}")
     if (args.rewind or args.fork) and not args.resume:
         raise UsageError("--rewind and --fork go with --resume FILE, the checkpoint to start from")
     if args.rewind and args.fork:

@@ -59,6 +59,11 @@ def test_the_options_are_made_from_the_config():
     (["--lr", "-0.1"], "argument --lr: must be >= 0, got -0.1"),
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    # beyond float32's range a step ends in a traceback, not a divergence the run reports
+    (["--lr", "1e39"], "argument --lr: must be <= 1000000.0, got 1e39"),
+    (["--wd", "1e39"], "argument --wd: must be <= 1000000.0, got 1e39"),
+    (["--method-lr", "1e39"], "argument --method-lr/--method_lr: must be <= 1000000.0, got 1e39"),
+    (["--temperature", "1e-320"], "argument --temperature: must be >= 1e-30, got 1e-320"),
     (["--seed", "123456789012345678901234567890"], "argument --seed: must be <= 9223372036854775807"),
     (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
     (["--model", "resnet50"], "argument --model: unknown model 'resnet50'; choose one of: alexnet_1w1a"),

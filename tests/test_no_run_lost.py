@@ -164,7 +164,8 @@ def test_contradictory_options_are_refused(finished, cifar10_root, extra, messag
             watched=[finished[0]])
 
 
-@pytest.mark.parametrize("save", ["", "..", "a/b", ".hidden"])
+@pytest.mark.parametrize("save", ["", "..", "a/b", ".hidden", "a" * 201, "é" * 101],
+                         ids=["empty", "dots", "a path", "hidden", "201 letters", "202 bytes"])
 def test_a_run_name_is_a_folder_name(cifar10_root, tmp_path, save):
     refused(tiny(cifar10_root, tmp_path / "results", save), "--save takes a run name", watched=[tmp_path])
     assert not (tmp_path / "results").exists()

@@ -88,3 +88,14 @@ def test_no_runs_is_an_error(tmp_path):
     result = summarize(tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: no runs (folders with a readable metrics.csv) in {tmp_path}"
+
+
+def test_values_no_run_computes_are_left_out_as_unreadable_not_summed_to_overflow(tmp_path):
+    """1e308 is finite, but no float32 computes it, and two of them overflow a sum."""
+    results = tmp_path / "results"
+    write_run(results, "r_seed=1", [50.0], 1)
+    for seed in (2, 3):
+        write_run(results, f"r_seed={seed}", [1e308], 1)
+    result = summarize(results)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "(cannot be read, left out: r_seed=2, r_seed=3)"

@@ -102,11 +102,16 @@ def deployed_line(result: dict, epoch=None) -> str:
             f"{calibration(result['nll'], result['ece'], result['brier'])}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_NAME_BYTES = 200  # with ".txt" and a temporary file's ".<name>.<12 hex>.tmp", within 255
+
+
 def valid_run_name(name: str) -> bool:
     """A run's name is a folder name in the results folder: not empty, no '/', not
-    starting with '.', and printable (a newline would break the log and the summaries)."""
+    starting with '.', printable (a newline would break the log and the summaries), and
+    short enough for the names of its files."""
     return (bool(name.strip(". ")) and "/" not in name and not name.startswith(".")
-            and name.isprintable() and name == name.strip())
+            and name.isprintable() and name == name.strip() and len(name.encode()) <= MAX_NAME_BYTES)
 
 
 class RunInUse(Exception):
@@ -360,8 +365,9 @@ class RunDir:
             return int(row[key]) if fmt == "{}" else float(row[key])
         with open(self.metrics, newline="") as f:
             rows = [{key: number(row, key, fmt) for key, fmt in CSV_FORMATS.items()} for row in csv.DictReader(f)]
-        if not all(math.isfinite(value) for row in rows for value in row.values() if value is not None):
-            raise ValueError(f"{self.metrics} holds a value that is not a finite number")
+        if not all(math.isfinite(value) and abs(value) <= FLOAT32_MAX for row in rows for value in row.values()
+                   if value is not None):  # what a run computes: float32's numbers; summing them cannot overflow
+            raise ValueError(f"{self.metrics} holds a value that is not a finite number of float32's range")
         return rows
 
     def status(self):
