@@ -259,7 +259,7 @@ def _is_number(value):
 
 def peek(path: str):
     """The plain fields of a checkpoint, read without loading its tensors into memory
-    (``{"format", "version", "epoch", "epochs", "run", "run_id", "data_root"}``, None where absent), or
+    (``{"format", "version", "epoch", "epochs", "run", "run_id", "data_root", "config"}``, None where absent), or
     None if the file cannot be read. Not checked: for decisions that a full ``read``
     confirms (which run to resume, which epoch a file holds)."""
     try:
@@ -269,4 +269,4 @@ def peek(path: str):
     settings = obj.get("config") if isinstance(obj.get("config"), dict) else {}
     return {"format": obj.get("format"), "version": obj.get("version"), "epoch": obj.get("epoch"),
             "epochs": settings.get("epochs"), "run": obj.get("run"), "run_id": obj.get("run_id"),
-            "data_root": obj.get("data_root")}
+            "data_root": obj.get("data_root"), "config": obj.get("config")}

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import checkpoint
 import config
@@ -76,8 +77,15 @@ def say(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def plan(run):
-    """Decide between a new run, resuming, and skipping; say which. True if it must run."""
+# Settings that do not change what a run computes: a finished run made with others is the run asked for.
+NOT_COMPUTED = ("workers", "eval_batch_size")
+
+
+def plan(run, asked):
+    """Decide between a new run, resuming, and skipping; say which. True if it must run.
+    ``asked``: the Config of this seed's run. A finished run made with other settings
+    (those its name does not state, such as RECALIBRATE) is not the run asked for: it is
+    named as a failure, not taken for it."""
     files = run.files
     if not os.path.isfile(files.checkpoint):
         say(f"seed {run.seed}: new run, log {files.log}")
@@ -85,6 +93,13 @@ def plan(run):
     fields = checkpoint.peek(files.checkpoint)
     progress = (fields["epoch"], fields["epochs"]) if fields and fields["epoch"] is not None else None
     if progress is not None and progress[1] is not None and progress[0] >= progress[1]:
+        different = settings_other_than(asked, fields.get("config"))
+        if different:
+            run.failure = (f"finished already with other settings ({', '.join(different)}): it is not redone; "
+                           f"move {files.folder} and its log, or give RESULTS_DIR another folder")
+            run.returncode = 1
+            say(f"seed {run.seed}: {run.failure}")
+            return False
         say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
             f"{files.checkpoint}), skipped")
         return False
@@ -92,6 +107,17 @@ def plan(run):
     at = f"epoch {progress[0]}/{progress[1]}" if progress else "a checkpoint that could not be read here"
     say(f"seed {run.seed}: resuming {files.folder} from its checkpoint ({at})")
     return True
+
+
+def settings_other_than(asked, saved):
+    """``name=saved (asked: value)`` for each setting of a run's checkpoint (``saved``, its
+    config dict; older files: the defaults where it has none) that differs from ``asked``."""
+    try:
+        saved = config.Config.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return []  # a file of another version: its settings are checked when it is read
+    return [f"{name}={saved[name]} (asked: {value})" for name, value in asked.to_dict().items()
+            if name not in NOT_COMPUTED and saved[name] != value]
 
 
 def launch(run, slot, recipe, main_args, env):
@@ -346,7 +372,7 @@ def main(argv=None):
         return 1
     say(f"{len(runs)} seed{'s' if len(runs) != 1 else ''} of {recipe} on the slot{'s' if len(slots) != 1 else ''} "
         f"{' '.join(slots)}; logs in {results_dir}/")
-    to_run = [run for run in runs if plan(run)]
+    to_run = [run for run in runs if plan(run, replace(cfg, seed=run.seed))]
     for run in to_run:
         run.planned = True
     signum = run_all(to_run, slots, recipe, main_args)

@@ -97,6 +97,20 @@ def test_smoke_run_logs_table_and_skip_when_run_again(tmp_path, data_root):
     assert TABLE_ROW.findall(again.stdout) == TABLE_ROW.findall(result.stdout)
 
 
+def test_a_finished_run_made_with_other_settings_is_not_taken_for_the_one_asked(tmp_path, data_root):
+    """RECALIBRATE is not in the run's name: the table would show the other setting's figures."""
+    results = tmp_path / "results"
+    first = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="11", RECALIBRATE="100")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = files_digest(results)
+    again = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="11", RECALIBRATE="0")
+    assert again.returncode == 1
+    assert "seed 11: finished already with other settings (recalibrate=100 (asked: 0)): it is not redone" in \
+        again.stdout
+    assert "FAILED: seed 11: finished already with other settings" in again.stdout
+    assert files_digest(results) == before
+
+
 def test_paper_recipe_names_and_failed_runs(tmp_path, data_root):
     """The paper's recipe and seeds: the runs are named as the authors name theirs, and each
     fails at once here (its folder holds a config.json of the user's, which no run
@@ -118,12 +132,12 @@ def test_paper_recipe_names_and_failed_runs(tmp_path, data_root):
 
 
 def test_a_run_that_fails_after_its_start_is_named_with_its_log(tmp_path, data_root):
-    """A run that diverges in its first epoch (an lr of 1e30) has written its log: the
+    """A run that diverges in its first epoch (an lr of 1e6) has written its log: the
     report names it."""
     results = tmp_path / "results"
-    result = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="4", EPOCHS=1, LR="1e30")
+    result = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="4", EPOCHS=1, LR="1e6")
     assert result.returncode == 1
-    name = tiny_name("resnet18", 4, epochs=1).replace("lr=0.1", f"lr={config.number(1e30)}")
+    name = tiny_name("resnet18", 4, epochs=1).replace("lr=0.1", f"lr={config.number(1e6)}")
     assert f"FAILED: seed 4 (exit status 3), log {results}/{name}.txt;" in result.stdout
     assert "training diverged in epoch 1" in result.stdout
 

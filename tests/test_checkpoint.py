@@ -447,14 +447,15 @@ def test_peek_reads_the_plain_fields_of_a_written_checkpoint(tmp_path):
     path = str(tmp_path / "checkpoint.pth.tar")
     checkpoint.write(read_back(version6()).to_file(), path)
     assert checkpoint.peek(path) == {"format": FORMAT, "version": VERSION, "epoch": 2, "epochs": EPOCHS,
-                                     "run": "r18", "run_id": "a1b2c3", "data_root": "/data"}
+                                     "run": "r18", "run_id": "a1b2c3", "data_root": "/data",
+                                     "config": settings().to_dict()}
 
 
 def test_peek_gives_none_for_what_a_file_lacks_and_for_an_unreadable_file(tmp_path):
     other = str(tmp_path / "other.pth")
     torch.save({"state_dict": {}}, other)
     assert checkpoint.peek(other) == dict.fromkeys(("format", "version", "epoch", "epochs", "run", "run_id",
-                                                                "data_root"))
+                                                                "data_root", "config"))
     text = tmp_path / "text.pth"
     text.write_text("not a checkpoint\n")
     assert checkpoint.peek(str(text)) is None
