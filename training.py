@@ -448,8 +448,14 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
                                  [(state.without_momenta().to_file(), run.best)] * is_best)
         saver.wait()
         if recalibration is not None and record.best_epoch and record.deployed_of_best() is None:
-            deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches, device, world, ranks, log,
-                            events)
+            watched = stop.watch(test_batches, "deployed", collective=False)
+            deploy_the_best(run, run_id, record, model, cfg, recalibration, watched, device, world, ranks, log,
+                            events, stopped=stop.agree)
+            if stop.agree():  # every epoch is on disk: a resume evaluates the deployed network, and ends
+                log.write(f"Stopped by {signal.Signals(stop.agreed).name} while the deployed network of the best "
+                          f"epoch was evaluated; every epoch's checkpoint is on disk. Resume with: "
+                          f"{resume_command(request, run, world, folder.path, cfg.dataset)}")
+                return exit_stopped(stop.agreed)
         if world.main:
             print(best_line(record.best_prec1, record.best_epoch, cfg.epochs))
         return EXIT_OK
@@ -485,11 +491,13 @@ def deployed_pending(cfg, run, resumed, world) -> bool:
     return distributed.gather(pending, world)[0]
 
 
-def deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches, device, world, ranks, log, events):
+def deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches, device, world, ranks, log, events,
+                    stopped=lambda: False):
     """After the last epoch: the deployed network of the best epoch, the network in
     model_best.pth.tar with BatchNorm statistics of its own (what --export writes of
     it), evaluated; its figures go into the best epoch's row of metrics.csv and a line of
-    the log. Rank 0 reads the file and gives the others its network."""
+    the log. Rank 0 reads the file and gives the others its network. ``stopped()``: a
+    stop came during the evaluation, whose figures are then not written."""
     state = None
     if world.main:
         fields = checkpoint.peek(run.best)
@@ -503,6 +511,8 @@ def deploy_the_best(run, run_id, record, model, cfg, recalibration, test_batches
         model.load_state_dict(state)
     distributed.broadcast_(list(model.state_dict().values()), world)
     result = engine.evaluate_deployed(model, None, recalibration, test_batches, cfg.bf16, ranks.total)
+    if stopped():
+        return
     row = record.history[record.best_epoch - 1]
     row.update(deployed_columns(result))
     log.write(deployed_line(result, record.best_epoch))

@@ -203,6 +203,25 @@ DIVERGED = re.compile(r"error: training diverged in epoch (\d+) \(train loss \S+
                       r"The last good checkpoint \(epoch (\d+)\) is (\S+); try a lower --lr or another --scale")
 
 
+def test_a_stop_while_the_deployed_network_is_evaluated_ends_the_run_as_stopped_and_a_resume_evaluates_it(
+        data, tmp_path):
+    """The last epoch is on disk; the deployed network of the best epoch is not yet: a
+    SIGTERM then (a scheduler's) stops at the next test batch, and the resume owes only it."""
+    results = str(tmp_path / "results")
+    output = str(tmp_path / "out.txt")
+    process = start_main(*TINY, "--epochs", 1, "--data_root", data, "--results_dir", results, "--save", "run",
+                         "--eval-batch-size", 1, output=output)  # many small batches: the evaluation takes a while
+    send_when_logged(process, output, r"^Epoch 1/1", signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, read_text(output)
+    log = read_text(os.path.join(results, "run.txt"))
+    assert "Stopped by SIGTERM while the deployed network of the best epoch was evaluated" in log
+    assert metrics_without_seconds(os.path.join(results, "run", "metrics.csv"))[0]["deployed_prec1"] == ""
+    r = run_main("--resume", os.path.join(results, "run"), "--gpus", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert metrics_without_seconds(os.path.join(results, "run", "metrics.csv"))[0]["deployed_prec1"] != ""
+    assert read_text(os.path.join(results, "run.txt")).splitlines()[-2].startswith("Deployed network of epoch 1")
+
+
 def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(data, tmp_path):
     results = str(tmp_path / "results")
     run_dir = os.path.join(results, "run")
