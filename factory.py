@@ -148,6 +148,10 @@ def classes_in(cfg: Config, folder: DataFolder, recorded=None):
     except DatasetError as error:
         raise folder.explain(error) from None
     train = os.path.join(folder.path, "train")
+    odd = [name for name in names if not packed.is_class_name(name)]
+    if odd:
+        raise folder.explain(DatasetError(f"{train} has a class folder whose name holds a control character "
+                                          f"({odd[0]!r}): rename it"))
     if recorded is not None and names != list(recorded):
         missing = [c for c in recorded if c not in names]
         extra = [c for c in names if c not in recorded]

@@ -162,7 +162,7 @@ def check_combinations(args):
         raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it over")
     if args.resume is not None and args.recipe is not None:
         raise UsageError("a resumed run keeps the settings of its checkpoint: leave --recipe out")
-    if args.save is not None and not valid_run_name(args.save):
+    if args.save is not None and not (valid_run_name(args.save) and len(args.save.encode()) <= MAX_NAME_BYTES):
         raise UsageError(f"--save takes a run name (a folder name in --results-dir, printable, without '/', not "
                          f"starting with '.', at most {MAX_NAME_BYTES} bytes), got {args.save!r}")
     if (args.rewind or args.fork) and not args.resume:

@@ -52,7 +52,7 @@ from dataclasses import replace
 import checkpoint
 import config
 from data import DATASETS, DatasetError, InMemory
-from utils.run_dir import STOPPED, RunDir, exit_stopped
+from utils.run_dir import MAX_NAME_BYTES, STOPPED, RunDir, exit_stopped
 from utils.summarize import paper_format, read_tail
 
 MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
@@ -100,9 +100,15 @@ def plan(run, asked):
             run.returncode = 1
             say(f"seed {run.seed}: {run.failure}")
             return False
-        say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
-            f"{files.checkpoint}), skipped")
-        return False
+        status = files.status()
+        if not (asked.recalibrate and status is not None and status.best_epoch and status.deployed_prec1 is None):
+            say(f"seed {run.seed}: finished already (epoch {progress[0]}/{progress[1]} in "
+                f"{files.checkpoint}), skipped")
+            return False
+        say(f"seed {run.seed}: every epoch done; resuming {files.folder} for the deployed network of its best "
+            f"epoch, which a stop interrupted")
+        run.resume = True
+        return True
     run.resume = True
     at = f"epoch {progress[0]}/{progress[1]}" if progress else "a checkpoint that could not be read here"
     say(f"seed {run.seed}: resuming {files.folder} from its checkpoint ({at})")
@@ -362,6 +368,11 @@ def main(argv=None):
         print(f"error: {problem}", file=sys.stderr)
         return 1
     runs = [Run(seed, config.run_name(recipe, cfg, seed), results_dir) for seed in seeds]
+    too_long = max(len(run.files.name.encode()) for run in runs)
+    if too_long > MAX_NAME_BYTES:  # a run name states the settings other than the recipe's
+        print(f"error: these settings give run names of {too_long} bytes, more than {MAX_NAME_BYTES} (e.g. "
+              f"{runs[0].files.name}): set fewer of them away from the recipe, or shorter values", file=sys.stderr)
+        return 2
     try:  # a results folder that cannot be written: one line, before anything starts
         os.makedirs(results_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=results_dir)

@@ -118,7 +118,7 @@ def refuse_to_start_over(request, run):
     if run.holds_run() and request.start_over_only_on:
         trained_on = next((fields["data_root"] for fields in map(checkpoint.peek, (run.checkpoint, run.best))
                            if fields and fields.get("data_root")), None)
-        if not (trained_on and os.path.abspath(trained_on) == os.path.abspath(request.start_over_only_on)):
+        if not (trained_on and os.path.realpath(trained_on) == os.path.realpath(request.start_over_only_on)):
             where = trained_on or "data its checkpoints do not name"
             raise UsageError(f"{run.folder} holds a run that is not the demo's (trained on {where}): --demo replaces "
                              f"only its own earlier run; move that run, or give --results-dir another folder")
@@ -151,6 +151,10 @@ def open_run(request, cfg, on_command_line, device, world):
                               f"{world.size}: resume it with as many (torchrun --nproc_per_node "
                               f"{len(resumed.ranks)}), so that every rank goes on with its own samples")
     if request.mode == FORK:  # a new run: the settings given change those of the file
+        vispas = [flag for name, flag in (("K", "-K"), ("scale", "--scale")) if name in on_command_line]
+        if resumed.config.method != "vispa" and vispas:
+            raise UsageError(f"--fork from {path}: {' and '.join(vispas)}: the rank and scale of VISPA's covariance "
+                             f"factor, which --method {resumed.config.method} does not have; leave them out")
         fixed = conflicts(cfg, resumed.config, on_command_line, NETWORK_SETTINGS)
         if fixed:
             raise UsageError(f"--fork from {path}: {', '.join(fixed)}: a fork goes on from the checkpoint's network "

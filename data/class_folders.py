@@ -97,8 +97,10 @@ def _read_image(path, size):
 
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I;16"):  # 16-bit greyscale: its top 8 bits (a plain convert clips to white)
-                image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+            if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit greyscale (PNG, TIFF; PGM opens as
+                # "I", scaled to 16 bits): its top 8 bits, where a plain convert clips every value above 255 to white
+                values = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+                image = Image.fromarray(values.astype(np.uint8))
             image = image.convert("RGB")
             width, height = image.size
             scale = size / min(width, height)

@@ -28,6 +28,7 @@ into a file of plain data (loadable with ``torch.load(weights_only=True)``):
 network exactly, with no optimizer.
 """
 import math
+import unicodedata
 
 import torch
 
@@ -80,6 +81,13 @@ def pack(model, means: dict, model_name, width, num_classes, image_size, dataset
             "data_root": data_root, "classes": None if classes is None else list(classes),
             "binary": {name: pack_bits(torch.sign(means[name])) for name in sorted(binary)},
             "state": state}
+
+
+def is_class_name(name) -> bool:
+    """A class folder's name as a file may carry it: a folder name without control
+    characters, which would reach a terminal as escape sequences."""
+    return (isinstance(name, str) and 0 < len(name.encode()) <= 255 and "/" not in name
+            and not any(unicodedata.category(c) == "Cc" for c in name))
 
 
 class PackedError(ValueError):
@@ -148,9 +156,8 @@ def _problem(obj):
             return f"its {key} is not one printable line of text"
     classes = obj.get("classes")
     if classes is not None and not (isinstance(classes, list) and len(classes) == obj["num_classes"] and
-                                    all(isinstance(c, str) and c and len(c) <= 255 and c.isprintable()
-                                        for c in classes) and len(set(classes)) == len(classes)):
-        return f"its class names are not {obj['num_classes']} different printable names"
+                                    all(map(is_class_name, classes)) and len(set(classes)) == len(classes)):
+        return f"its class names are not {obj['num_classes']} different names of class folders"
     if not all(type(v) in (int, float) and v > 0 for v in obj["std"]):
         return "its std is not positive"
     statistics = obj["statistics"]

@@ -177,7 +177,9 @@ class BayesBiNN(BinaryWeightOptimizer):
             if train:
                 draw = torch.rand(lamda.shape, generator=generator, dtype=p.dtype, device=p.device)
             else:
-                draw = torch.bernoulli(torch.sigmoid(2 * lamda), generator=generator)
+                # a lamda gone NaN (a diverging run) draws a fair coin: the run reports the
+                # divergence at the end of the epoch, as it does for every method
+                draw = torch.bernoulli(torch.sigmoid(2 * lamda).nan_to_num(0.5), generator=generator)
         if train:
             p.copy_(_relaxed(lamda, draw, group["temperature"]))
         else:

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 import config
-from helpers import REPO, run_results, run_script, script_env, wait_for
+from helpers import REPO, run_results, run_script, script_env, send_when_logged, start_main, wait_for
 from utils.run_dir import RunDir
 
 SCRIPTS = {"resnet18": "benchmark_cifar100_resnet18_1W32A.sh", "vgg16": "benchmark_cifar100_vgg16_1W32A.sh"}
@@ -109,6 +109,32 @@ def test_a_finished_run_made_with_other_settings_is_not_taken_for_the_one_asked(
         again.stdout
     assert "FAILED: seed 11: finished already with other settings" in again.stdout
     assert files_digest(results) == before
+
+
+def test_a_run_stopped_while_its_deployed_network_was_evaluated_is_resumed_for_it(tmp_path, data_root):
+    """Every epoch of the run is done, the deployed network of its best epoch is not: the
+    runner resumes it for that, rather than skipping a finished run."""
+    results = tmp_path / "results"
+    name, output = tiny_name("resnet18", 11), tmp_path / "out.txt"
+    process = start_main("--recipe", "resnet18_1w32a_cifar100", "--gpus", "cpu", "--epochs", 2, "--width", 4,
+                         "-L", 2, "-K", 2, "-b", 64, "--warmup-epochs", 1, "--seed", 11, "--data-root", data_root,
+                         "--results-dir", results, "--save", name, "--eval-batch-size", 1, output=output)
+    send_when_logged(process, output, r"^Epoch 2/2", signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, open(output).read()
+    result = benchmark("resnet18", results, data_root, GPUS="cpu", SEEDS="11")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "seed 11: every epoch done; resuming" in result.stdout
+    row, = TABLE_ROW.findall(result.stdout)
+    assert row[-1] != "-"
+
+
+def test_settings_that_give_too_long_a_run_name_are_refused_before_anything_starts(tmp_path, data_root):
+    result = benchmark("resnet18", tmp_path / "results", data_root, GPUS="cpu", SEEDS="12345678", K="", EPOCHS=20,
+                       BATCH=128, WARMUP_EPOCHS=10, LR="0.000123456789", WD="0.000123456789", METHOD="bayesbinn",
+                       METHOD_LR="0.000123456789", TEMPERATURE="1.234567e-10", LR_DECAY="constant")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "these settings give run names of" in result.stderr and "more than 200" in result.stderr
+    assert not os.path.exists(tmp_path / "results") or os.listdir(tmp_path / "results") == []
 
 
 def test_paper_recipe_names_and_failed_runs(tmp_path, data_root):

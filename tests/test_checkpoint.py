@@ -125,6 +125,11 @@ def test_the_class_names_of_a_run_on_images_of_ones_own_read_back():
     assert read_back(version5()).classes is None  # older files hold none
 
 
+def test_a_run_name_longer_than_a_new_run_may_have_reads_back():
+    """New runs' names are at most 200 bytes; files of runs named before may be longer."""
+    assert read_back(version6(run="b" * 230)).run == "b" * 230
+
+
 def test_a_file_without_data_root_reads_as_none():
     content = version6()
     del content["data_root"]

@@ -17,7 +17,7 @@ import torch
 import checkpoint
 from data.synthetic import write_image_folders, write_tiny_imagenet
 from helpers import (resumable_copy, ENV, REPO, TINY, Forked, assert_clear_error, folder_digest, load_checkpoint, read_text,
-                     rewrite_as_the_run, run_main, run_script, start_main, temporary_files, train_tiny)
+                     rewrite_as_the_run, run_main, run_script, start_main, temporary_files, tiny_for, train_tiny)
 from models import build_model, is_binary, packed, released
 from utils import files
 from utils.run_dir import BEST, CHECKPOINT, RunDir
@@ -420,6 +420,16 @@ def test_the_deployed_network_every_epoch_needs_images_for_its_statistics(cifar1
                                 "give --recalibrate above 0", watched=[tmp_path])
 
 
+@pytest.mark.parametrize("method", ["vispa", "bayesbinn", "ste"])
+def test_the_largest_learning_rate_taken_diverges_as_a_divergence_for_every_method(cifar10_root, tmp_path, method):
+    """A NaN mid-epoch (BayesBiNN's test draws of a NaN lamda included) is no traceback: the
+    run stops with the divergence at the end of the epoch, exit status 3."""
+    result = run_main(*tiny_for("--method", method), "--method", method, "--lr", "1e6", "--epochs", 1,
+                      "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "run")
+    assert result.returncode == 3, result.stderr
+    assert "error: training diverged in epoch 1" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_too_few_images_for_the_deployed_networks_statistics_are_refused_at_the_start(cifar10_root, tmp_path):
     """BatchNorm in train mode cannot normalise a batch of one image: found before a run
     writes anything, not after its last epoch."""
@@ -477,6 +487,15 @@ def test_a_fork_keeps_the_network_and_the_method_it_goes_on_from(one_epoch, tmp_
     shutil.copytree(one_epoch, results)
     refused(["--resume", results / "run" / CHECKPOINT, "--fork", "--save", "new", "--epochs", 2, *change, "--gpus",
              "cpu"], named, "a fork goes on from the checkpoint's network and its vispa state", watched=[results])
+
+
+def test_a_fork_of_a_rival_refuses_vispas_settings_as_a_new_run_does(cifar10_root, tmp_path):
+    r = run_main(*tiny_for("--method", "ste"), "--method", "ste", "--epochs", 1, "--data_root", cifar10_root,
+                 "--results_dir", tmp_path, "--save", "ste")
+    assert r.returncode == 0, r.stderr
+    refused(["--resume", tmp_path / "ste" / CHECKPOINT, "--fork", "--save", "new", "--epochs", 2, "--scale", 50,
+             "--gpus", "cpu"], "--scale: the rank and scale of VISPA's covariance factor, which --method ste does not",
+            watched=[tmp_path])
 
 
 def test_a_fork_gets_the_model_best_of_its_best_epoch(three_epochs, tmp_path):

@@ -285,6 +285,9 @@ def test_no_output_goes_into_the_tensorboard_folder_of_a_run(one_epoch, tmp_path
     os.makedirs(results / "run" / "tb")
     refused(["--export", results / "run" / BEST, "--out", results / "run" / "tb" / "events.out.tfevents.000030.vispa",
              "--gpus", "cpu"], "is in the TensorBoard folder of the run", watched=[results])
+    os.symlink(results / "run" / "tb", tmp_path / "link")  # nor through a link to it
+    refused(["--export", results / "run" / BEST, "--out", tmp_path / "link" / "x.bnn", "--gpus", "cpu"],
+            "is in the TensorBoard folder of the run", watched=[results])
 
 
 def test_predictions_never_replace_a_users_torch_file(one_epoch, tmp_path):

@@ -49,8 +49,8 @@ def test_an_image_is_resized_by_its_shorter_side_and_centre_cropped(tmp_path):
 
 
 def test_a_16_bit_greyscale_image_keeps_its_shades(tmp_path):
-    """PNG and TIFF of 16 bits per pixel: the top 8 bits of each, not white wherever it
-    passes 255 (as a plain conversion to RGB would have it)."""
+    """PNG, TIFF and PGM of 16 bits per pixel: the top 8 bits of each, not white wherever
+    it passes 255 (as a plain conversion to RGB would have it)."""
     from PIL import Image
     import numpy as np
     shades = np.array([[1000, 30000], [50000, 65535]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
@@ -58,7 +58,10 @@ def test_a_16_bit_greyscale_image_keeps_its_shades(tmp_path):
         for name, kind in (("a", "png"), ("b", "tiff")):
             os.makedirs(tmp_path / split / name)
             Image.fromarray(shades).save(tmp_path / split / name / f"x.{kind}")
+        with open(tmp_path / split / "b" / "y.pgm", "wb") as f:  # PGM of 16 bits, written by hand
+            f.write(b"P5 16 16 65535\n" + shades.astype(">u2").tobytes())
     images, _ = DATASETS["imagefolder"].read(str(tmp_path), "train", 16)
+    assert len(images) == 3
     for image in images:
         assert torch.equal(image, torch.from_numpy((shades >> 8).astype(np.uint8)).expand(3, 16, 16))
 
@@ -131,6 +134,24 @@ def test_a_network_is_given_only_the_classes_it_was_trained_on(own_images, tmp_p
             assert folder_digest(tmp_path) == before, command
             assert_clear_error(r, "are not the 3 classes the network was trained on", fragment,
                                "give --data-root a folder with the classes cat, dog, fish")
+
+
+def test_a_class_name_of_any_folder_name_goes_into_the_export_and_back(tmp_path):
+    """A no-break space in a folder's name (no printable character for Python): the run,
+    its export and the export's evaluation. A control character is refused at the start."""
+    root = write_image_folders(str(tmp_path / "data"), ["hot\u00a0dog", "cat"], (20, 6), 32)
+    results = tmp_path / "results"
+    r = run_main(*OWN, "--epochs", 1, "--data-root", root, "--results-dir", results, "--save", "own")
+    assert r.returncode == 0, r.stderr
+    assert run_main("--export", results / "own" / "model_best.pth.tar", "--out", tmp_path / "own.bnn",
+                    "--gpus", "cpu").returncode == 0
+    r = run_main("--evaluate", tmp_path / "own.bnn", "--gpus", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "own.bnn", weights_only=True)["classes"] == ["cat", "hot\u00a0dog"]
+    for split in ("train", "val"):
+        os.rename(os.path.join(root, split, "cat"), os.path.join(root, split, "c\tat"))
+    assert_clear_error(run_main(*OWN, "--epochs", 1, "--data-root", root, "--results-dir", results, "--save", "tab"),
+                       "has a class folder whose name holds a control character ('c\\tat'): rename it")
 
 
 @pytest.mark.parametrize("layout, message", [

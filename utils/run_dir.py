@@ -108,10 +108,11 @@ MAX_NAME_BYTES = 200  # with ".txt" and a temporary file's ".<name>.<12 hex>.tmp
 
 def valid_run_name(name: str) -> bool:
     """A run's name is a folder name in the results folder: not empty, no '/', not
-    starting with '.', printable (a newline would break the log and the summaries), and
-    short enough for the names of its files."""
+    starting with '.', and printable (a newline would break the log and the summaries).
+    A new run's name must also be short enough for the names of its files
+    (``MAX_NAME_BYTES``; runs of earlier versions may have longer ones)."""
     return (bool(name.strip(". ")) and "/" not in name and not name.startswith(".")
-            and name.isprintable() and name == name.strip() and len(name.encode()) <= MAX_NAME_BYTES)
+            and name.isprintable() and name == name.strip())
 
 
 class RunInUse(Exception):
@@ -435,6 +436,7 @@ def check_output(path: str, overwrite: bool, is_ours, what: str, kind: str):
         raise NotOurs(f"{what} {path} is a symbolic link: it is never written through; remove it, or choose another")
     if os.path.isdir(path):
         raise NotOurs(f"{what} {path} is a folder: give a file name")
+    folder = os.path.realpath(folder)  # a link to a run's folder, or to its tb/, is that folder
     holder = RunDir(os.path.dirname(folder), os.path.basename(folder))
     in_run_folder = any(os.path.lexists(os.path.join(folder, name)) for name in (LOCK, NAME))
     name = os.path.basename(path)
