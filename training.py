@@ -431,7 +431,8 @@ def train(request: Request, cfg: Config, on_command_line, device, world=distribu
             diverged = diverged_because(trained, val, model, opt)
             if diverged:
                 message = (f"training diverged in epoch {epoch} ({diverged}): stopped. The last good checkpoint "
-                           f"(epoch {epoch - 1}) is {run.checkpoint}; try a lower --lr or another --scale")
+                           f"(epoch {epoch - 1}) is {run.checkpoint}; try a lower --lr"
+                           f"{' or another --scale' if cfg.method == 'vispa' else ''}")
                 log.write(f"Stopped: {message}", echo=False)
                 if world.main:
                     print(f"error: {message}", file=sys.stderr)

@@ -428,6 +428,7 @@ def test_the_largest_learning_rate_taken_diverges_as_a_divergence_for_every_meth
                       "--data_root", cifar10_root, "--results_dir", tmp_path, "--save", "run")
     assert result.returncode == 3, result.stderr
     assert "error: training diverged in epoch 1" in result.stderr and "Traceback" not in result.stderr
+    assert ("another --scale" in result.stderr) == (method == "vispa")  # VISPA's setting, named to VISPA alone
 
 
 def test_too_few_images_for_the_deployed_networks_statistics_are_refused_at_the_start(cifar10_root, tmp_path):
