@@ -265,6 +265,21 @@ NAMED_IF_CHANGED = {"method": "method", "method_lr": "method_lr", "temperature":
                     "virtual_ranks": "ranks", "scale_lr": "scale_lr"}
 
 
+def flag_of(name: str) -> str:
+    """The option of a setting, as the command line spells it (``-K``, ``--scale``)."""
+    return next(f for f in fields(Config) if f.name == name).metadata["flags"][0]
+
+
+def vispa_settings_for_a_rival(method: str, typed) -> str:
+    """What is wrong with VISPA's own settings typed for another ``method``, which would
+    ignore them, or None."""
+    named = [flag_of(name) for name in ("K", "scale") if name in typed]
+    if method == "vispa" or not named:
+        return None
+    return (f"{' and '.join(named)}: the rank and scale of VISPA's covariance factor, which --method {method} does "
+            f"not have; leave {'them' if len(named) > 1 else 'it'} out")
+
+
 def spellings(*flags) -> list:
     """Every flag with hyphens (the documented spelling) and, where it has more than one
     word, with underscores too (the authors' spelling): ``--data-root`` and ``--data-root``."""

@@ -34,7 +34,6 @@ import engine
 import factory
 from config import Config, UsageError
 from data import DATASETS, DatasetError, InMemory
-from data.class_folders import read_class_folders
 from models import packed
 from optim import recalibrate
 from utils import distributed, predictions
@@ -76,8 +75,7 @@ def evaluate(request: Evaluation, device=torch.device("cpu"), world=distributed.
     """Print the results of the file's network on the test set; with torchrun the ranks
     share the images."""
     if request.predictions:
-        check_output(request.predictions, request.overwrite, predictions.is_predictions, "--predictions",
-                     "a file of predictions")
+        check_predictions(request)
     loaded = factory.open_network(request.path, request.asked, request.typed, device)
     cfg = loaded.cfg
     if loaded.kind == factory.EXPORTED and (request.ood or request.predictions):
@@ -148,6 +146,13 @@ def gathered(result, world):
     return {k: torch.cat([part[k] for part in parts]) for k in keys}
 
 
+def check_predictions(request) -> bool:
+    """``--predictions`` may be written (``check_output``): when the command starts, and
+    again when the file is written."""
+    return check_output(request.predictions, request.overwrite, predictions.is_predictions, "--predictions",
+                        "a file of predictions")
+
+
 def write_predictions(request, val, mean, deployed, world):
     """``--predictions``: the probabilities of the predictive, the mean network and the
     deployed network, and the labels, as plain data (rank 0 writes the whole test set's)."""
@@ -159,9 +164,7 @@ def write_predictions(request, val, mean, deployed, world):
                    "logits": val["logits"], "nll": val["image_nll"], "mean_nll": mean["image_nll"]}
         if deployed is not None:
             content.update(deployed_probs=deployed["probs"], deployed_nll=deployed["image_nll"])
-        new = check_output(path, request.overwrite, predictions.is_predictions, "--predictions",
-                           "a file of predictions")  # again, after the evaluation: still free?
-        predictions.write(content, path, new_only=new)
+        predictions.write(content, path, new_only=check_predictions(request))  # still free?
         print(f"Predictions of the {len(val['labels'])} test images written to {path}")
 
 
@@ -185,8 +188,7 @@ def ood_batches(request, cfg, folder, device, world):
         raise UsageError(f"--ood {request.ood} has images of {size} pixels; {cfg.model} on {cfg.dataset} "
                          f"takes {cfg.image_size}")
     try:
-        images, labels = read_class_folders(root, "test", cfg.image_size, own_classes=True) if outside.own_images \
-            else outside.read(root, "test", cfg.image_size)
+        images, labels = outside.read_other(root, cfg.image_size)
     except DatasetError as error:
         raise DatasetError(f"--ood {request.ood} --ood-data-root {root}: {error}") from None
     if len(labels) == 0:
@@ -237,13 +239,19 @@ def is_exported_network(path) -> bool:
         return False
 
 
+def check_out(request) -> bool:
+    """``--out`` may be written (``check_output``): when the export starts, and again
+    when the network is written."""
+    return check_output(request.out, request.overwrite, is_exported_network, "--out", "an exported network")
+
+
 def export(request: Export) -> int:
     """The deployed network of a checkpoint, packed: its binary weights sign(M) at one bit
     each, everything else float32, the BatchNorm statistics recomputed for sign(M) on
     ``--recalibrate`` training images (0: those of training), on the CPU."""
     if os.path.exists(request.out) and os.path.exists(request.path) and os.path.samefile(request.out, request.path):
         raise UsageError(f"--out {request.out} is the checkpoint being exported: choose another --out")
-    check_output(request.out, request.overwrite, is_exported_network, "--out", "an exported network")
+    check_out(request)
     cpu = torch.device("cpu")
     loaded = factory.open_network(request.path, request.asked, request.typed, cpu)
     if loaded.kind == factory.EXPORTED:
@@ -263,8 +271,7 @@ def export(request: Export) -> int:
     source = f"{request.path} ({loaded.source})"
     data_root = os.path.abspath(folder.path) if loaded.trained_on or request.data_root else None
     content = factory.exported_network(loaded, source, statistics, data_root)
-    new = check_output(request.out, request.overwrite, is_exported_network, "--out", "an exported network")  # again
-    packed.save(content, request.out, new_only=new)
+    packed.save(content, request.out, new_only=check_out(request))  # still free?
     size = os.path.getsize(request.out)
     full = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
                for t in loaded.model.state_dict().values())

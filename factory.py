@@ -14,7 +14,7 @@ import torch
 
 import checkpoint
 from checkpoint import CheckpointError
-from config import Config, UsageError, conflicts
+from config import Config, UsageError, conflicts, flag_of
 from data import DATASETS, DatasetError, memory_format
 from models import build_model, packed, released
 from optim import STE, VISPA, BayesBiNN, is_binary
@@ -315,8 +315,7 @@ def _load_exported(obj, path, cfg: Config, on_command_line, device) -> Loaded:
         model = packed.network_of(content, device)
     except packed.PackedError as error:
         raise CheckpointError(str(error)) from None
-    inapplicable = [flag for name, flag in (("K", "-K"), ("scale", "--scale"), ("method", "--method"),
-                                            ("recalibrate", "--recalibrate")) if name in on_command_line]
+    inapplicable = [flag_of(name) for name in ("K", "scale", "method", "recalibrate") if name in on_command_line]
     if inapplicable:
         raise UsageError(f"{path} is an exported network, one network with the BatchNorm statistics it was exported "
                          f"with: {' and '.join(inapplicable)} do not apply to it; leave them out")

@@ -33,7 +33,7 @@ import tempfile
 import torch
 
 from config import (DEFAULT_RECIPE, RECIPES, Config, UsageError, add_arguments, from_args, settings_on_command_line,
-                    spellings)
+                    spellings, vispa_settings_for_a_rival)
 from data import DATASETS, DatasetError
 from evaluate import Evaluation, Export, evaluate, export
 from training import FORK, NEW, RESUME, REWIND, Request, train
@@ -142,11 +142,9 @@ def parse_args(argv):
     if args.resume is None and args.evaluate is None and args.export is None:  # else: with the file's settings
         for problem in cfg.contradictions():
             parser.error(problem)
-    if args.resume is None and args.evaluate is None and args.export is None and cfg.method != "vispa":
-        vispas = [flag for name, flag in (("K", "-K"), ("scale", "--scale")) if name in typed]
-        if vispas:
-            parser.error(f"{' and '.join(vispas)}: the rank and scale of VISPA's covariance factor, which --method "
-                         f"{cfg.method} does not have; leave {'them' if len(vispas) > 1 else 'it'} out")
+        problem = vispa_settings_for_a_rival(cfg.method, typed)
+        if problem:
+            parser.error(problem)
     return args, cfg, typed
 
 

@@ -28,7 +28,7 @@ import checkpoint
 import engine
 import factory
 from checkpoint import Checkpoint, CheckpointError
-from config import IMAGENET_RANKS, Config, UsageError, conflicts
+from config import IMAGENET_RANKS, Config, UsageError, conflicts, vispa_settings_for_a_rival
 from data import DATASETS, DatasetError
 from optim import learning_rate
 from utils import distributed, seeds, tensorboard, threads
@@ -151,10 +151,9 @@ def open_run(request, cfg, on_command_line, device, world):
                               f"{world.size}: resume it with as many (torchrun --nproc_per_node "
                               f"{len(resumed.ranks)}), so that every rank goes on with its own samples")
     if request.mode == FORK:  # a new run: the settings given change those of the file
-        vispas = [flag for name, flag in (("K", "-K"), ("scale", "--scale")) if name in on_command_line]
-        if resumed.config.method != "vispa" and vispas:
-            raise UsageError(f"--fork from {path}: {' and '.join(vispas)}: the rank and scale of VISPA's covariance "
-                             f"factor, which --method {resumed.config.method} does not have; leave them out")
+        problem = vispa_settings_for_a_rival(resumed.config.method, on_command_line)
+        if problem:
+            raise UsageError(f"--fork from {path}: {problem}")
         fixed = conflicts(cfg, resumed.config, on_command_line, NETWORK_SETTINGS)
         if fixed:
             raise UsageError(f"--fork from {path}: {', '.join(fixed)}: a fork goes on from the checkpoint's network "

@@ -145,6 +145,11 @@ class InMemory(Dataset):
         return train, self.loader(test_images, test_labels, cfg.eval_batch_size, False, device, [world.rank],
                                   world.size)
 
+    def read_other(self, root: str, size: int):
+        """The test images in ``root`` as another dataset's (``--ood``): their labels mean
+        nothing to the network."""
+        return self.read(root, "test", size)
+
     def test_loader(self, cfg, root, world, device):
         images, labels = self.read(root, "test", cfg.image_size)
         self._check_test_set(labels, root)
@@ -187,6 +192,9 @@ class OwnImages(InMemory):
 
     def read(self, root, split, size=None):
         return read_class_folders(root, split, size or self.image_size)
+
+    def read_other(self, root, size):  # the class folders of val/ alone: no train/ needed
+        return read_class_folders(root, "test", size, own_classes=True)
 
     def class_names(self, root):
         return class_names(root)

@@ -59,12 +59,12 @@ def read_class_folders(root: str, split: str, size: int, own_classes=False):
                            f"both splits need the same classes")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found = len(paths)
+        before = len(paths)
         for where, _, names in sorted(walk(os.path.join(directory, name))):
             chosen = [os.path.join(where, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
             paths += chosen
             labels += [label] * len(chosen)
-        if split == "train" and len(paths) == found:  # ImageFolder refuses it too
+        if split == "train" and len(paths) == before:  # ImageFolder refuses it too
             raise DatasetError(f"imagefolder: {os.path.join(directory, name)} holds no images, yet every folder of "
                                f"{directory} is a class: put images in it, or move it out")
     if not paths:

@@ -71,8 +71,8 @@ def main(argv=None):
                     run(["--model", model, "--width", width, "--dataset", args.dataset, "--data-root", args.data_root,
                          "--epochs", args.epochs, "-b", args.batch, "--eval-batch-size", 500, "--lr", args.lr,
                          "--warmup-epochs", args.warmup, *(["-K", args.K] if method == "vispa" else []),
-                         "-L", args.train_L, "--seed", seed, "--method", method, "--gpus", args.gpus, "--results-dir", args.results_dir, "--save", name,
-                         "--overwrite"], f"training {name}")
+                         "-L", args.train_L, "--seed", seed, "--method", method, "--gpus", args.gpus,
+                         "--results-dir", args.results_dir, "--save", name, "--overwrite"], f"training {name}")
                 print(f"evaluating {name}", file=sys.stderr, flush=True)
                 output = run(["--evaluate", os.path.join(folder, "model_best.pth.tar"), "-L", args.L, "--gpus",
                               args.gpus, "--ood", "cifar100", "--ood-data-root", args.ood_data_root],
